@@ -1,0 +1,123 @@
+"""The attention function transformers calls for a patched model.
+
+Decoding (one query per sequence) runs compiled FlexAttention over the layer's slots with a mask_mod that reads the
+slot tensors; its BlockMask is built once per layer allocation and stays valid as the tensors change in place.
+Multi-token forwards (prefill, chunks) and the ``attention="sdpa"`` reference run SDPA with the same rule as a
+dense boolean mask. Either way the layer sees the queries first (padding, query window, staged compaction).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from .cache import RKVLayer
+from .masks import dense_slot_mask, slot_mask_mod
+
+ATTENTION_NAME = "rkv_flex"
+BLOCK_SIZE = 128
+
+# One compiled wrapper per process: dynamo caches on flex_attention's code object, and static shapes avoid a
+# torch 2.13 CPU code-generation bug with dynamic shapes and captured tensors.
+compiled_flex_attention = torch.compile(flex_attention, dynamic=False, fullgraph=True)
+
+
+def decode_block_mask(layer: RKVLayer, group: int, sliding_window: int | None) -> BlockMask:
+    """A BlockMask for one query per sequence over all of the layer's slots: every block is visited (partially),
+    and the mask_mod reads ``valid``/``pos``/``query_pos`` at run time. Head dim 1 keeps GPU flex-decoding eligible.
+    """
+    batch, capacity, device = layer.valid.shape[0], layer.capacity, layer.device
+    num_blocks = -(-capacity // BLOCK_SIZE)
+    shape = (batch, 1, 1)
+    # torch 2.13's CPU decoding kernel reads full_kv_num_blocks unconditionally: pass explicit empty full blocks.
+    return BlockMask.from_kv_blocks(
+        kv_num_blocks=torch.full(shape, num_blocks, dtype=torch.int32, device=device),
+        kv_indices=torch.arange(num_blocks, dtype=torch.int32, device=device).expand(*shape, num_blocks).contiguous(),
+        full_kv_num_blocks=torch.zeros(shape, dtype=torch.int32, device=device),
+        full_kv_indices=torch.zeros((*shape, num_blocks), dtype=torch.int32, device=device),
+        BLOCK_SIZE=BLOCK_SIZE,
+        mask_mod=slot_mask_mod(layer.valid, layer.pos, layer.query_pos, group, sliding_window),
+        seq_lengths=(1, capacity),
+        compute_q_blocks=False,
+    )
+
+
+def masked_sdpa(
+    query: Tensor, key: Tensor, value: Tensor, valid: Tensor, pos: Tensor, query_pos: Tensor,
+    scaling: float | None, sliding_window: int | None = None,
+) -> Tensor:
+    """Exact reference: SDPA with the slot rule as a dense mask. Returns [B, Hq, L, D]."""
+    group = query.shape[1] // key.shape[1]
+    allowed = dense_slot_mask(valid, pos, query_pos, sliding_window).repeat_interleave(group, dim=1)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling, enable_gqa=group > 1)
+
+
+def rkv_attention(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[Tensor, None]:
+    """transformers attention interface: returns ([B, L, Hq, D], None).
+
+    ``attention_mask`` is what :func:`padding_mask` produced: the new tokens' padding [B, L] bool, or None.
+    """
+    layer: RKVLayer | None = kwargs.get("rkv_layer")
+    sliding_window = kwargs.get("sliding_window")
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    if layer is None:
+        out = cache_free_attention(query, key, value, attention_mask, kwargs.get("position_ids"), scaling, sliding_window)
+        return out.transpose(1, 2).contiguous(), None
+    query_pos = kwargs["position_ids"]
+    valid, pos = layer.observe(query, query_pos, attention_mask, scaling, sliding_window)
+    group = query.shape[1] // key.shape[1]
+    if query.shape[2] == 1 and layer.config.attention == "flex":
+        if layer.block_mask is None:
+            layer.block_mask = decode_block_mask(layer, group, sliding_window)
+        out = compiled_flex_attention(
+            query, key, value, block_mask=layer.block_mask, scale=scaling, enable_gqa=group > 1
+        )
+    else:
+        out = masked_sdpa(query, key, value, valid, pos, query_pos, scaling, sliding_window)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def cache_free_attention(
+    query: Tensor, key: Tensor, value: Tensor, padding: Tensor | None, position_ids: Tensor | None,
+    scaling: float, sliding_window: int | None,
+) -> Tensor:
+    """A patched model run without an RKVCache: exact causal attention over this forward's own tokens."""
+    batch, kv_heads, length = key.shape[:3]
+    if length != query.shape[2]:
+        raise RuntimeError(
+            "this model is patched by rkv_flex and can only continue from an RKVCache; it was given another cache. "
+            "Let generate() create the cache, pass rkv_flex.make_cache(model), or call unpatch_model(model) first."
+        )
+    if position_ids is None:
+        position_ids = torch.arange(length, device=query.device)[None]
+    position_ids = position_ids.expand(batch, length)
+    valid = torch.ones(batch, kv_heads, length, dtype=torch.bool, device=query.device)
+    if padding is not None:
+        valid &= padding[:, None, :]
+    pos = position_ids[:, None, :].expand(batch, kv_heads, length)
+    return masked_sdpa(query, key, value, valid, pos, position_ids, scaling, sliding_window)
+
+
+def padding_mask(
+    batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+    mask_function=None, attention_mask: Tensor | None = None, **kwargs,
+) -> Tensor | None:
+    """transformers mask interface: hand attention only the new tokens' padding [B, L] (None when decoding).
+
+    The slot rule replaces the causal mask, so nothing else is needed; returning None for single-token steps keeps
+    the decode inputs static.
+    """
+    if attention_mask is None or q_length == 1:
+        return None
+    return attention_mask[:, -q_length:].to(torch.bool)

@@ -1,0 +1,94 @@
+"""RKVConfig: every knob of the slot cache, validated once, frozen."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+POLICY_NAMES = ("rkv", "snapkv", "streaming", "h2o", "random", "full")
+ATTENTION_BACKENDS = ("flex", "sdpa")
+
+
+def _require_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"RKVConfig.{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"RKVConfig.{name} must be >= {minimum}, got {value}")
+
+
+@dataclass(frozen=True)
+class RKVConfig:
+    """How many KV slots each layer keeps and how it chooses them.
+
+    Per layer, per sequence and per KV head the cache holds at most ``budget + buffer`` slots. When a new token
+    finds them all used, the cache is compacted back to ``budget``: the ``window`` newest tokens always stay, the
+    other ``budget - window`` are the best by the policy's score.
+
+    Args:
+        budget: slots kept after each compaction.
+        buffer: slots filled by decoding between two compactions (the compaction interval).
+        window: newest tokens always kept; their queries are the observation window of the attention scores.
+        lam: R-KV mixing weight, score = lam * importance - (1 - lam) * redundancy. 1.0 is pure importance.
+        kernel: max-pool width applied to importance along token order (odd).
+        threshold: cosine similarity above which two keys count as near-duplicates (R-KV redundancy).
+        policy: "rkv", "snapkv", "streaming", "h2o", "random", "full", or a Policy object / scoring callable.
+        compact_prompt: compact a prompt longer than ``budget`` right after prefill (its attention sees all of it).
+        sinks: first tokens the "streaming" policy always keeps (attention sinks).
+        attention: "flex" (compiled FlexAttention for decoding) or "sdpa" (exact dense-mask reference).
+        seed: seed of the "random" policy's per-token priorities.
+    """
+
+    budget: int
+    buffer: int = 128
+    window: int = 8
+    lam: float = 0.1
+    kernel: int = 7
+    threshold: float = 0.5
+    policy: Any = "rkv"
+    compact_prompt: bool = True
+    sinks: int = 4
+    attention: str = "flex"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require_int("budget", self.budget, 1)
+        _require_int("buffer", self.buffer, 1)
+        _require_int("window", self.window, 1)
+        _require_int("kernel", self.kernel, 1)
+        _require_int("sinks", self.sinks, 0)
+        _require_int("seed", self.seed, 0)
+        if self.budget < self.window:
+            raise ValueError(
+                f"RKVConfig.budget ({self.budget}) must be >= RKVConfig.window ({self.window}): "
+                "the window's tokens are always kept"
+            )
+        if self.kernel % 2 == 0:
+            raise ValueError(f"RKVConfig.kernel must be a positive odd number, got {self.kernel}")
+        for name in ("lam", "threshold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"RKVConfig.{name} must be a number, got {type(value).__name__} {value!r}")
+        if not 0.0 <= self.lam <= 1.0:
+            raise ValueError(f"RKVConfig.lam must be in [0, 1], got {self.lam}")
+        if not -1.0 <= self.threshold <= 1.0:
+            raise ValueError(f"RKVConfig.threshold is a cosine similarity and must be in [-1, 1], got {self.threshold}")
+        if isinstance(self.policy, str):
+            if self.policy not in POLICY_NAMES:
+                raise ValueError(f"RKVConfig.policy {self.policy!r} is unknown; choose one of {POLICY_NAMES}")
+        elif not callable(self.policy):
+            raise TypeError(
+                f"RKVConfig.policy must be one of {POLICY_NAMES} or a callable scorer, got {type(self.policy).__name__}"
+            )
+        if self.policy == "streaming" and self.sinks > self.budget - self.window:
+            raise ValueError(
+                f"RKVConfig.sinks ({self.sinks}) + window ({self.window}) must fit in budget ({self.budget})"
+            )
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"RKVConfig.attention must be one of {ATTENTION_BACKENDS}, got {self.attention!r}")
+        if not isinstance(self.compact_prompt, bool):
+            raise TypeError(f"RKVConfig.compact_prompt must be a bool, got {self.compact_prompt!r}")
+
+    @property
+    def capacity(self) -> int:
+        """Slots allocated per layer: the most the cache ever holds."""
+        return self.budget + self.buffer
