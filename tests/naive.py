@@ -1,0 +1,72 @@
+"""Naive per-head loop references of every scoring formula, written from notes/rkv-method.md, in float64."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def importance(queries, query_valid, keys, candidates, kernel):
+    batch, q_heads, window, _ = queries.shape
+    kv_heads, slots, dim = keys.shape[1:]
+    group = q_heads // kv_heads
+    out = torch.zeros(batch, kv_heads, slots, dtype=torch.float64)
+    for b in range(batch):
+        for h in range(kv_heads):
+            cand = [j for j in range(slots) if candidates[b, h, j]]
+            rows = [t for t in range(window) if query_valid[b, t]]
+            mean = [0.0] * slots
+            for t in rows:
+                logits = {}
+                for j in cand:
+                    logits[j] = max(
+                        float(queries[b, h * group + g, t].double() @ keys[b, h, j].double()) / math.sqrt(dim)
+                        for g in range(group)
+                    )
+                top = max(logits.values()) if logits else 0.0
+                norm = sum(math.exp(v - top) for v in logits.values())
+                for j, v in logits.items():
+                    mean[j] += math.exp(v - top) / norm / len(rows)
+            for j in range(slots):
+                lo, hi = max(0, j - kernel // 2), min(slots, j + kernel // 2 + 1)
+                out[b, h, j] = max(mean[lo:hi])
+    return out
+
+
+def redundancy(keys, valid, threshold):
+    batch, kv_heads, slots, _ = keys.shape
+    out = torch.zeros(batch, kv_heads, slots, dtype=torch.float64)
+    for b in range(batch):
+        for h in range(kv_heads):
+            idx = [i for i in range(slots) if valid[b, h, i]]
+            unit = {i: keys[b, h, i].double() / (keys[b, h, i].double().norm() + 1e-8) for i in idx}
+            sim = {(i, j): float(unit[i] @ unit[j]) if i != j else 0.0 for i in idx for j in idx}
+            for i in idx:
+                similar = [j for j in idx if j != i and sim[i, j] > threshold]
+                if similar:
+                    sim[i, max(similar)] = 0.0
+            col = {j: sum(sim[i, j] for i in idx) / len(idx) for j in idx}
+            top = max(col.values())
+            norm = sum(math.exp(v - top) for v in col.values())
+            for j in idx:
+                out[b, h, j] = math.exp(col[j] - top) / norm
+    return out
+
+
+def received_attention(query, keys, allowed, scaling):
+    batch, q_heads, length, _ = query.shape
+    kv_heads, slots = keys.shape[1:3]
+    group = q_heads // kv_heads
+    out = torch.zeros(batch, kv_heads, slots, dtype=torch.float64)
+    for b in range(batch):
+        for hq in range(q_heads):
+            h = hq // group
+            for t in range(length):
+                seen = [j for j in range(slots) if allowed[b, h, t, j]]
+                logits = {j: float(query[b, hq, t].double() @ keys[b, h, j].double()) * scaling for j in seen}
+                top = max(logits.values())
+                norm = sum(math.exp(v - top) for v in logits.values())
+                for j, v in logits.items():
+                    out[b, h, j] += math.exp(v - top) / norm
+    return out

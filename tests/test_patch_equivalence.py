@@ -1,0 +1,104 @@
+"""With nothing evicted, a patched model decodes exactly like the stock one (sdpa + DynamicCache)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import greedy, padded_prompt, tiny_model
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from rkv_flex import patch_model, unpatch_model
+
+HEAD_LAYOUTS = [(4, 4), (4, 2), (6, 2), (8, 2), (4, 1)]  # (query heads, kv heads): GQA 1, 2, 3 (not a power of 2), 4
+
+
+@st.composite
+def decoding_cases(draw):
+    batch = draw(st.integers(1, 3))
+    length = draw(st.integers(1, 12))
+    pads = [0] + [draw(st.integers(0, length - 1)) for _ in range(batch - 1)]
+    return dict(
+        arch=draw(st.sampled_from(["llama", "qwen2", "qwen3", "mistral"])),
+        heads=draw(st.sampled_from(HEAD_LAYOUTS)),
+        batch=batch,
+        length=length,
+        pads=draw(st.permutations(pads)),
+        new_tokens=draw(st.integers(1, 10)),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+def assert_same_decoding(stock, patched):
+    tokens, logits = stock
+    got_tokens, got_logits = patched
+    assert torch.equal(got_tokens, tokens)
+    torch.testing.assert_close(got_logits, logits, rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=decoding_cases())
+def test_sdpa_backend_matches_stock_over_shapes(case):
+    heads, kv_heads = case["heads"]
+    model = tiny_model(case["arch"], heads, kv_heads, seed=case["seed"])
+    ids, mask = padded_prompt(case["batch"], case["length"], case["pads"], seed=case["seed"])
+    stock = greedy(model, ids, mask, case["new_tokens"])
+    patch_model(model, budget=24, buffer=8, attention="sdpa")
+    assert_same_decoding(stock, greedy(model, ids, mask, case["new_tokens"]))
+    unpatch_model(model)
+    assert_same_decoding(stock, greedy(model, ids, mask, case["new_tokens"]))
+
+
+# Compiled flex: one graph per head layout (batch and capacity fixed), so only a few compiles.
+@pytest.mark.parametrize("arch,heads", [("llama", (4, 4)), ("qwen2", (4, 2)), ("llama", (6, 2)), ("qwen3", (8, 2))])
+def test_flex_backend_matches_stock(arch, heads):
+    model = tiny_model(arch, *heads, seed=3)
+    ids, mask = padded_prompt(2, 9, [0, 4], seed=3)
+    stock = greedy(model, ids, mask, 12)
+    patch_model(model, budget=24, buffer=8)
+    assert_same_decoding(stock, greedy(model, ids, mask, 12))
+    unpatch_model(model)
+    assert_same_decoding(stock, greedy(model, ids, mask, 12))
+
+
+def test_sampling_matches_stock_with_the_same_seed():
+    model = tiny_model("llama", 6, 2, seed=5)
+    ids, mask = padded_prompt(2, 7, [2, 0], seed=5)
+
+    def sample():
+        torch.manual_seed(1234)
+        return model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=True, temperature=0.9, top_p=0.95
+        )
+
+    stock = sample()
+    patch_model(model, budget=24, buffer=8)
+    assert torch.equal(sample(), stock)
+
+
+def test_sliding_window_layers_match_stock():
+    model = tiny_model("mistral", 4, 2, seed=7, sliding_window=5)
+    ids, mask = padded_prompt(2, 8, [0, 3], seed=7)
+    stock = greedy(model, ids, mask, 10)
+    patch_model(model, budget=24, buffer=8)
+    assert_same_decoding(stock, greedy(model, ids, mask, 10))
+
+
+def test_cache_free_forward_matches_stock():
+    model = tiny_model("qwen2", 6, 2, seed=11)
+    ids, mask = padded_prompt(3, 10, [0, 2, 5], seed=11)
+    stock = model(input_ids=ids, attention_mask=mask).logits
+    patch_model(model, budget=24, buffer=8)
+    patched = model(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(patched[real], stock[real], rtol=1e-5, atol=1e-5)
+
+
+def test_unpatch_restores_the_model_exactly():
+    model = tiny_model("llama", 4, 2)
+    before = (model.config._attn_implementation, dict(model.__dict__).keys())
+    patch_model(model, budget=16)
+    assert model.config._attn_implementation == "rkv_flex"
+    unpatch_model(model)
+    assert (model.config._attn_implementation, model.__dict__.keys()) == before
+    assert "generate" not in model.__dict__
