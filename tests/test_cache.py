@@ -85,7 +85,7 @@ def assert_invariants(driver: Driver):
             slots = layer.valid[b, h].nonzero().flatten().tolist()
             positions = layer.pos[b, h, slots].tolist()
             assert positions == sorted(set(positions))  # unique and in position order
-            for slot, position in zip(slots, positions):
+            for slot, position in zip(slots, positions, strict=False):
                 key, value = driver.appended[b, h, position]
                 assert torch.equal(layer.keys[b, h, slot], key)
                 assert torch.equal(layer.values[b, h, slot], value)
@@ -133,7 +133,7 @@ def test_invariants_and_reference_selection(schedule, seed, compact_prompt):
             driver.forward(prompt, pads)
         return
     for index, length in enumerate([prompt, *steps]):
-        before, (keys, values, positions, new_valid) = driver.forward(length, pads if index == 0 else [0] * BATCH)
+        before, (keys, _values, positions, new_valid) = driver.forward(length, pads if index == 0 else [0] * BATCH)
         assert_invariants(driver)
         used = 0 if before is None else before["slots_used"]
         if used + length <= config.capacity and not (index == 0 and compact_prompt and length > config.budget):
@@ -144,8 +144,16 @@ def test_invariants_and_reference_selection(schedule, seed, compact_prompt):
             # compacted the full slots with the queries seen so far, then appended
             window = torch.zeros(config.capacity, dtype=torch.bool)
             window[used - config.window : used] = True
-            assert_best_kept(driver, before["keys"], before["valid"], before["pos"], window, before["queries"],
-                             before["query_valid"], appended_after=positions[0].tolist())
+            assert_best_kept(
+                driver,
+                before["keys"],
+                before["valid"],
+                before["pos"],
+                window,
+                before["queries"],
+                before["query_valid"],
+                appended_after=positions[0].tolist(),
+            )
         else:
             # staged: the used slots and the new tokens compete, scored with the newest queries
             joined_valid = new_valid[:, None, :].expand(BATCH, KV_HEADS, length)
@@ -170,13 +178,16 @@ def test_compaction_keeps_the_reference_selection(seed):
     while driver.cache.slots_used < config.capacity:
         driver.forward(1, [0, 0])
     layer = driver.layer
-    state = {name: getattr(layer, name).clone() for name in ("keys", "values", "valid", "pos", "queries", "query_valid")}
+    state = {
+        name: getattr(layer, name).clone() for name in ("keys", "values", "valid", "pos", "queries", "query_valid")
+    }
     window = torch.zeros(config.capacity, dtype=torch.bool)
     window[-config.window :] = True
     driver.cache.compact()
     assert driver.cache.slots_used == config.budget == int(layer.n_used)
-    assert_best_kept(driver, state["keys"], state["valid"], state["pos"], window, state["queries"],
-                     state["query_valid"])
+    assert_best_kept(
+        driver, state["keys"], state["valid"], state["pos"], window, state["queries"], state["query_valid"]
+    )
     assert_invariants(driver)
 
 
@@ -185,7 +196,7 @@ def test_compaction_keeps_the_reference_selection(seed):
 def test_prompt_longer_than_budget_is_staged_to_the_reference_selection(seed, prompt, pad):
     config = RKVConfig(budget=6, buffer=4, window=2, kernel=3)
     driver = Driver(config, seed)
-    _, (keys, values, positions, new_valid) = driver.forward(prompt, [0, pad])
+    _, (keys, _values, positions, new_valid) = driver.forward(prompt, [0, pad])
     layer = driver.layer
     valid = new_valid[:, None, :].expand(BATCH, KV_HEADS, prompt)
     window = torch.zeros(prompt, dtype=torch.bool)

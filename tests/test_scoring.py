@@ -139,12 +139,14 @@ def test_random_policy_is_deterministic_per_seed_and_differs_across_seeds():
 @settings(max_examples=30, deadline=None)
 @given(state=slot_states(), length=st.integers(1, 3))
 def test_received_attention_equals_naive(state, length):
-    batch, kv_heads, slots = state.valid.shape
+    batch, _kv_heads, _slots = state.valid.shape
     query = torch.randn(batch, state.queries.shape[1], length, 4)
     query_pos = state.pos[:, 0, -length:]
     allowed = dense_slot_mask(state.valid, state.pos, query_pos)
     got = received_attention(query, state.keys, allowed, None, 0.5)
-    torch.testing.assert_close(got.double(), naive.received_attention(query, state.keys, allowed, 0.5), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        got.double(), naive.received_attention(query, state.keys, allowed, 0.5), rtol=1e-5, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("keep", [WINDOW, WINDOW + 4])

@@ -1,7 +1,7 @@
 """rkv_flex: R-KV redundancy-aware KV cache compression for Hugging Face reasoning models.
 
-    from rkv_flex import patch_model
-    patch_model(model, budget=1024)     # every later model.generate(...) keeps <= budget + buffer KV slots per layer
+from rkv_flex import patch_model
+patch_model(model, budget=1024)     # every later model.generate(...) keeps <= budget + buffer KV slots per layer
 """
 
 from .cache import RKVCache

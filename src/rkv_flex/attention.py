@@ -45,8 +45,14 @@ def decode_block_mask(layer: RKVLayer, group: int, sliding_window: int | None) -
 
 
 def masked_sdpa(
-    query: Tensor, key: Tensor, value: Tensor, valid: Tensor, pos: Tensor, query_pos: Tensor,
-    scaling: float | None, sliding_window: int | None = None,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    valid: Tensor,
+    pos: Tensor,
+    query_pos: Tensor,
+    scaling: float | None,
+    sliding_window: int | None = None,
 ) -> Tensor:
     """Exact reference: SDPA with the slot rule as a dense mask. Returns [B, Hq, L, D]."""
     group = query.shape[1] // key.shape[1]
@@ -72,7 +78,9 @@ def rkv_attention(
     sliding_window = kwargs.get("sliding_window")
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     if layer is None:
-        out = cache_free_attention(query, key, value, attention_mask, kwargs.get("position_ids"), scaling, sliding_window)
+        out = cache_free_attention(
+            query, key, value, attention_mask, kwargs.get("position_ids"), scaling, sliding_window
+        )
         return out.transpose(1, 2).contiguous(), None
     query_pos = kwargs["position_ids"]
     valid, pos = layer.observe(query, query_pos, attention_mask, scaling, sliding_window)
@@ -89,8 +97,13 @@ def rkv_attention(
 
 
 def cache_free_attention(
-    query: Tensor, key: Tensor, value: Tensor, padding: Tensor | None, position_ids: Tensor | None,
-    scaling: float, sliding_window: int | None,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    padding: Tensor | None,
+    position_ids: Tensor | None,
+    scaling: float,
+    sliding_window: int | None,
 ) -> Tensor:
     """A patched model run without an RKVCache: exact causal attention over this forward's own tokens."""
     batch, kv_heads, length = key.shape[:3]
@@ -110,8 +123,14 @@ def cache_free_attention(
 
 
 def padding_mask(
-    batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
-    mask_function=None, attention_mask: Tensor | None = None, **kwargs,
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function=None,
+    attention_mask: Tensor | None = None,
+    **kwargs,
 ) -> Tensor | None:
     """transformers mask interface: hand attention only the new tokens' padding [B, L] (None when decoding).
 

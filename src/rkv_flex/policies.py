@@ -132,5 +132,3 @@ def make_policy(config: RKVConfig):
         "random": lambda: Random(config.seed),
         "full": Full,
     }[config.policy]()
-
-

