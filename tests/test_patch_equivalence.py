@@ -102,3 +102,12 @@ def test_unpatch_restores_the_model_exactly():
     unpatch_model(model)
     assert (model.config._attn_implementation, model.__dict__.keys()) == before
     assert "generate" not in model.__dict__
+
+
+def test_beam_search_matches_stock():
+    model = tiny_model("llama", 4, 2, seed=1)
+    ids, mask = padded_prompt(2, 6, [0, 2], seed=1)
+    options = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, num_beams=3, do_sample=False)
+    stock = model.generate(**options)
+    patch_model(model, budget=24, buffer=8, attention="sdpa")
+    assert torch.equal(model.generate(**options), stock)
