@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.nn.attention.flex_attention import create_mask
 
-from rkv_flex.attention import compiled_flex_attention, decode_block_mask, masked_sdpa
+from rkv_flex.attention import compiled_flex_attention, masked_sdpa
 from rkv_flex.cache import RKVLayer
 from rkv_flex.config import RKVConfig
 from rkv_flex.masks import dense_slot_mask, slot_mask_mod
@@ -70,7 +70,7 @@ def fill(layer, seed):
 
 def test_block_mask_dense_form_equals_boolean_reference(layer):
     fill(layer, 0)
-    block_mask = decode_block_mask(layer, HEADS // KV_HEADS, None)
+    block_mask = layer.block_mask
     assert block_mask.to_dense().all()  # every block is visited; the mask_mod decides inside them
     assert block_mask.shape[-2:] == (1, CONFIG.capacity)
     materialized = create_mask(block_mask.mask_mod, BATCH, HEADS, 1, CONFIG.capacity, device="cpu")
@@ -81,8 +81,6 @@ def test_block_mask_dense_form_equals_boolean_reference(layer):
 @settings(max_examples=15, deadline=None)
 @given(seed=st.integers(0, 2**31))
 def test_compiled_flex_equals_sdpa_on_the_same_slots(layer, seed):
-    if layer.block_mask is None:
-        layer.block_mask = decode_block_mask(layer, HEADS // KV_HEADS, None)
     block_mask = layer.block_mask
     query = fill(layer, seed)  # in place: the same BlockMask must see the new slot state
     out = compiled_flex_attention(query, layer.keys, layer.values, block_mask=block_mask, scale=0.3, enable_gqa=True)

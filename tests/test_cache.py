@@ -42,7 +42,7 @@ class Driver:
         kwargs = {"position_ids": positions}
         self.cache.update(keys, values, 0, kwargs=kwargs)
         layer = kwargs["rkv_layer"]
-        layer.observe(query, kwargs["position_ids"], None if new_valid.all() else new_valid, SCALING, None)
+        layer.observe(query, kwargs["position_ids"], None if new_valid.all() else new_valid, SCALING)
         for t in range(length):
             for b in range(BATCH):
                 for h in range(KV_HEADS):

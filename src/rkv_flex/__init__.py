@@ -6,6 +6,7 @@ patch_model(model, budget=1024)     # every later model.generate(...) keeps <= b
 
 from .cache import RKVCache
 from .config import RKVConfig
+from .decode import generate
 from .patch import is_patched, make_cache, patch_model, unpatch_model
 from .policies import H2O, RKV, Full, Random, SlotState, SnapKV, Streaming
 
@@ -19,6 +20,7 @@ __all__ = [
     "SlotState",
     "SnapKV",
     "Streaming",
+    "generate",
     "is_patched",
     "make_cache",
     "patch_model",

@@ -1,7 +1,7 @@
 """The attention function transformers calls for a patched model.
 
-Decoding (one query per sequence) runs compiled FlexAttention over the layer's slots with a mask_mod that reads the
-slot tensors; its BlockMask is built once per layer allocation and stays valid as the tensors change in place.
+Decoding (one query per sequence) runs compiled FlexAttention over the layer's slots with the layer's BlockMask, built
+once per allocation, whose mask_mod reads the slot tensors: it stays valid as they change in place.
 Multi-token forwards (prefill, chunks) and the ``attention="sdpa"`` reference run SDPA with the same rule as a
 dense boolean mask. Either way the layer sees the queries first (padding, query window, staged compaction).
 """
@@ -11,37 +11,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.nn.attention.flex_attention import flex_attention
 
 from .cache import RKVLayer
-from .masks import dense_slot_mask, slot_mask_mod
+from .masks import dense_slot_mask
 
 ATTENTION_NAME = "rkv_flex"
-BLOCK_SIZE = 128
 
 # One compiled wrapper per process: dynamo caches on flex_attention's code object, and static shapes avoid a
 # torch 2.13 CPU code-generation bug with dynamic shapes and captured tensors.
 compiled_flex_attention = torch.compile(flex_attention, dynamic=False, fullgraph=True)
-
-
-def decode_block_mask(layer: RKVLayer, group: int, sliding_window: int | None) -> BlockMask:
-    """A BlockMask for one query per sequence over all of the layer's slots: every block is visited (partially),
-    and the mask_mod reads ``valid``/``pos``/``query_pos`` at run time. Head dim 1 keeps GPU flex-decoding eligible.
-    """
-    batch, capacity, device = layer.valid.shape[0], layer.capacity, layer.device
-    num_blocks = -(-capacity // BLOCK_SIZE)
-    shape = (batch, 1, 1)
-    # torch 2.13's CPU decoding kernel reads full_kv_num_blocks unconditionally: pass explicit empty full blocks.
-    return BlockMask.from_kv_blocks(
-        kv_num_blocks=torch.full(shape, num_blocks, dtype=torch.int32, device=device),
-        kv_indices=torch.arange(num_blocks, dtype=torch.int32, device=device).expand(*shape, num_blocks).contiguous(),
-        full_kv_num_blocks=torch.zeros(shape, dtype=torch.int32, device=device),
-        full_kv_indices=torch.zeros((*shape, num_blocks), dtype=torch.int32, device=device),
-        BLOCK_SIZE=BLOCK_SIZE,
-        mask_mod=slot_mask_mod(layer.valid, layer.pos, layer.query_pos, group, sliding_window),
-        seq_lengths=(1, capacity),
-        compute_q_blocks=False,
-    )
 
 
 def masked_sdpa(
@@ -83,16 +62,14 @@ def rkv_attention(
         )
         return out.transpose(1, 2).contiguous(), None
     query_pos = kwargs["position_ids"]
-    valid, pos = layer.observe(query, query_pos, attention_mask, scaling, sliding_window)
-    group = query.shape[1] // key.shape[1]
-    if query.shape[2] == 1 and layer.config.attention == "flex":
-        if layer.block_mask is None:
-            layer.block_mask = decode_block_mask(layer, group, sliding_window)
+    valid, pos = layer.observe(query, query_pos, attention_mask, scaling)
+    if query.shape[2] == 1 and layer.block_mask is not None:
+        group = query.shape[1] // key.shape[1]
         out = compiled_flex_attention(
             query, key, value, block_mask=layer.block_mask, scale=scaling, enable_gqa=group > 1
         )
     else:
-        out = masked_sdpa(query, key, value, valid, pos, query_pos, scaling, sliding_window)
+        out = masked_sdpa(query, key, value, valid, pos, query_pos, scaling, layer.sliding_window)
     return out.transpose(1, 2).contiguous(), None
 
 

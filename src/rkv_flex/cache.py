@@ -22,7 +22,7 @@ from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .config import RKVConfig
-from .masks import dense_slot_mask, window_mask
+from .masks import decode_block_mask, dense_slot_mask, window_mask
 from .policies import SlotState, make_policy
 from .scoring import select_keep
 
@@ -55,14 +55,15 @@ class RKVLayer(CacheLayerMixin):
     is_compileable = False
     is_sliding = False
 
-    def __init__(self, config: RKVConfig, num_query_heads: int, policy: Any):
+    def __init__(self, config: RKVConfig, num_query_heads: int, policy: Any, sliding_window: int | None = None):
         super().__init__()
         self.config = config
         self.num_query_heads = num_query_heads
         self.policy = policy
+        self.sliding_window = sliding_window
         self.capacity = config.capacity
         self.staged: SlotState | None = None  # the used slots + new tokens of a forward that does not fit
-        self.block_mask = None  # attention-side structure over these slots, built by attention.py on first use
+        self.block_mask = None  # the flex decoding mask over these slots (attention="flex")
 
     # -- allocation -------------------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
@@ -86,6 +87,12 @@ class RKVLayer(CacheLayerMixin):
         tracks = getattr(self.policy, "tracks_attention", False)
         self.attention_sum = _static(torch.zeros(slots, dtype=torch.float32, device=device)) if tracks else None
         self.block_mask = None
+        if self.config.attention == "flex":
+            group = self.num_query_heads // kv_heads
+            self.block_mask = decode_block_mask(self.valid, self.pos, self.query_pos, group, self.sliding_window)
+            for tensor in self.block_mask.as_tuple(flatten=True):
+                if isinstance(tensor, Tensor):
+                    _static(tensor)
         self.is_initialized = True
 
     def grow(self, capacity: int) -> None:
@@ -156,7 +163,7 @@ class RKVLayer(CacheLayerMixin):
         return self.staged.keys, self.staged.values
 
     def observe(
-        self, query: Tensor, query_pos: Tensor, new_valid: Tensor | None, scaling: float, sliding_window: int | None
+        self, query: Tensor, query_pos: Tensor, new_valid: Tensor | None, scaling: float
     ) -> tuple[Tensor, Tensor]:
         """Called by attention with this forward's queries [B, Hq, L, D], their positions [B, L] and the new
         tokens' padding [B, L] (None: no padding).
@@ -172,7 +179,7 @@ class RKVLayer(CacheLayerMixin):
         if self.attention_sum is not None:
             keys = self.keys if view is None else view.keys
             attention_sum = self.attention_sum if view is None else view.attention_sum
-            allowed = dense_slot_mask(valid, pos, query_pos, sliding_window)
+            allowed = dense_slot_mask(valid, pos, query_pos, self.sliding_window)
             attention_sum += received_attention(query, keys, allowed, new_valid, scaling)
         if view is not None:
             self.staged = None
@@ -276,6 +283,15 @@ def received_attention(query: Tensor, keys: Tensor, allowed: Tensor, query_valid
     return probs.sum(dim=(2, 3))
 
 
+def sliding_windows(text_config: Any) -> list[int | None]:
+    """Per layer, the sliding-window size transformers applies (None: full attention)."""
+    layers, window = text_config.num_hidden_layers, getattr(text_config, "sliding_window", None)
+    types = getattr(text_config, "layer_types", None)
+    if window is None or types is None:
+        return [window] * layers
+    return [window if kind == "sliding_attention" else None for kind in types]
+
+
 def compact_layers(layers: list[RKVLayer]) -> None:
     """Compact every layer (one graph when compiled)."""
     for layer in layers:
@@ -289,20 +305,30 @@ class RKVCache(Cache):
     ``compactor`` runs the compaction of all layers; the compiled decoder swaps in a compiled one.
     """
 
-    def __init__(self, config: RKVConfig, num_layers: int, num_query_heads: int):
+    def __init__(
+        self,
+        config: RKVConfig,
+        num_layers: int,
+        num_query_heads: int,
+        sliding_windows: list[int | None] | None = None,
+    ):
         self.config = config
         self.policy = make_policy(config)
-        super().__init__(layers=[RKVLayer(config, num_query_heads, self.policy) for _ in range(num_layers)])
+        windows = sliding_windows or [None] * num_layers
+        if len(windows) != num_layers:
+            raise ValueError(f"sliding_windows has {len(windows)} entries for {num_layers} layers")
+        super().__init__(layers=[RKVLayer(config, num_query_heads, self.policy, window) for window in windows])
         self.tokens_seen = 0
         self.slots_used = 0
         self.compactions = 0
         self.compactor = compact_layers
         self._staged_from: int | None = None
+        self._planned: int | None = None  # a forward already planned by a driver (compiled loops plan from outside)
 
     @classmethod
     def for_model(cls, model_config: Any, config: RKVConfig) -> RKVCache:
         text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-        return cls(config, text.num_hidden_layers, text.num_attention_heads)
+        return cls(config, text.num_hidden_layers, text.num_attention_heads, sliding_windows(text))
 
     @property
     def evicts(self) -> bool:
@@ -312,12 +338,22 @@ class RKVCache(Cache):
         self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, kwargs: dict | None = None
     ) -> tuple[Tensor, Tensor]:
         if layer_idx == 0 and not torch.compiler.is_compiling():
-            self.begin_step(key_states.shape[2])
+            length = key_states.shape[2]
+            if self._planned is None:
+                self.begin_step(length)
+            elif self._planned != length:
+                raise RuntimeError(f"a forward of {self._planned} tokens was planned but {length} arrived")
+            self._planned = None
         return self.layers[layer_idx].update(key_states, value_states, kwargs, self._staged_from)
 
     def begin_step(self, length: int) -> None:
-        """Plan a forward of ``length`` new tokens: make room (compacting if full), or stage them."""
+        """Plan a forward of ``length`` new tokens: make room (compacting if full), or stage them.
+
+        Eager forwards plan themselves; a compiled forward cannot (its host logic is traced away), so its driver
+        calls this first.
+        """
         config, used = self.config, self.slots_used
+        self._planned = length
         first = self.tokens_seen == 0
         self._staged_from = None
         if not self.evicts:
@@ -361,9 +397,16 @@ class RKVCache(Cache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.tokens_seen
 
+    def get_query_offset(self, layer_idx: int = 0) -> Tensor | int:
+        # A tensor, like StaticCache: transformers asks for it inside the compiled decode step, where reading the
+        # host counter would specialise the graph on it.
+        layer = self.layers[layer_idx]
+        return layer.n_seen if layer.is_initialized else 0
+
     def reset(self) -> None:
         super().reset()
         self.tokens_seen = self.slots_used = self.compactions = 0
+        self._planned = self._staged_from = None
 
     @property
     def capacity(self) -> int:

@@ -12,6 +12,9 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask
+
+BLOCK_SIZE = 128
 
 
 def slot_mask_mod(
@@ -49,3 +52,28 @@ def window_mask(n_used: Tensor | int, length: int, window: int, device: torch.de
     """Bool [length]: the ``window`` newest used slots, ``[n_used - window, n_used)``."""
     slot = torch.arange(length, device=device)
     return (slot >= n_used - window) & (slot < n_used)
+
+
+def decode_block_mask(
+    valid: Tensor, pos: Tensor, query_pos: Tensor, group: int, sliding_window: int | None = None
+) -> BlockMask:
+    """A BlockMask for one query per sequence over all slots of ``valid``/``pos`` [B, Hkv, C].
+
+    Every block is visited (as a partial block) and the mask_mod decides inside it, reading the tensors at run time:
+    built once per allocation, it stays right as the slots change in place. Head dim 1 keeps the GPU
+    flex-decoding kernel eligible.
+    """
+    batch, capacity, device = valid.shape[0], valid.shape[2], valid.device
+    num_blocks = -(-capacity // BLOCK_SIZE)
+    shape = (batch, 1, 1)
+    # torch 2.13's CPU decoding kernel reads full_kv_num_blocks unconditionally: pass explicit empty full blocks.
+    return BlockMask.from_kv_blocks(
+        kv_num_blocks=torch.full(shape, num_blocks, dtype=torch.int32, device=device),
+        kv_indices=torch.arange(num_blocks, dtype=torch.int32, device=device).expand(*shape, num_blocks).contiguous(),
+        full_kv_num_blocks=torch.zeros(shape, dtype=torch.int32, device=device),
+        full_kv_indices=torch.zeros((*shape, num_blocks), dtype=torch.int32, device=device),
+        BLOCK_SIZE=BLOCK_SIZE,
+        mask_mod=slot_mask_mod(valid, pos, query_pos, group, sliding_window),
+        seq_lengths=(1, capacity),
+        compute_q_blocks=False,
+    )

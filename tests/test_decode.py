@@ -1,0 +1,144 @@
+"""The compiled decoding loop: same tokens as the eager patched generate, no recompiles, sampling, EOS, streaming."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+from conftest import padded_prompt, tiny_model
+
+from rkv_flex import generate, patch_model
+from rkv_flex.decode import Sampling, choose_next
+
+BUDGET, BUFFER, WINDOW = 16, 8, 4
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A tiny GQA-3 Llama patched with 24 slots: 60 new tokens run several compactions."""
+    return patch_model(tiny_model("llama", 6, 2, seed=1), budget=BUDGET, buffer=BUFFER, window=WINDOW)
+
+
+def eager(model, ids, mask, new_tokens, **options):
+    return model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        **options,
+    )
+
+
+@pytest.mark.parametrize("prompt,pads", [(9, [0, 3]), (5, [1, 0]), (21, [0, 7])])  # the last is staged at prefill
+def test_compiled_greedy_equals_eager_generate(model, prompt, pads):
+    ids, mask = padded_prompt(2, prompt, pads, seed=prompt)
+    assert torch.equal(generate(model, ids, mask, max_new_tokens=60), eager(model, ids, mask, 60))
+
+
+def test_no_recompiles_in_steady_state(model):
+    """Hundreds of steps across many compactions and two prompt lengths reuse the two graphs as they are."""
+    first, first_mask = padded_prompt(2, 7, [0, 2], seed=31)
+    second, second_mask = padded_prompt(2, 13, [4, 0], seed=32)
+    generate(model, first, first_mask, max_new_tokens=2 * BUFFER)  # warm-up: compiles decode and compaction
+    frames_before = torch._dynamo.utils.counters["frames"]["total"]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        long_run = generate(model, first, first_mask, max_new_tokens=300)
+        other = generate(model, second, second_mask, max_new_tokens=300)
+    assert torch._dynamo.utils.counters["frames"]["total"] == frames_before
+    assert torch.equal(long_run, eager(model, first, first_mask, 300))
+    assert torch.equal(other, eager(model, second, second_mask, 300))
+
+
+def test_a_new_batch_size_gets_its_own_graphs_and_stays_exact(model):
+    ids, mask = padded_prompt(3, 6, [0, 2, 5], seed=41)
+    assert torch.equal(generate(model, ids, mask, max_new_tokens=40), eager(model, ids, mask, 40))
+
+
+def test_eager_loop_equals_compiled_loop(model):
+    ids, mask = padded_prompt(2, 8, [0, 1], seed=51)
+    assert torch.equal(
+        generate(model, ids, mask, max_new_tokens=30, compile=False), generate(model, ids, mask, max_new_tokens=30)
+    )
+
+
+def test_per_sequence_eos_freezes_finished_rows_like_transformers(model):
+    ids, mask = padded_prompt(2, 9, [0, 3], seed=61)
+    free = eager(model, ids, mask, 40)
+    eos = int(free[0, 9 + 5])  # row 0 emits this token at its 6th step
+    out = generate(model, ids, mask, max_new_tokens=40, eos_token_id=eos, pad_token_id=0, stop_check_every=1)
+    reference = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=40, do_sample=False, eos_token_id=eos, pad_token_id=0
+    )
+    assert torch.equal(out, reference)
+    first_eos = int((out[0, 9:] == eos).nonzero()[0])
+    assert (out[0, 9 + first_eos + 1 :] == 0).all()
+
+
+def test_streaming_delivers_every_new_token(model):
+    class Recorder:
+        def __init__(self):
+            self.values, self.ended = [], False
+
+        def put(self, value):
+            self.values.append(value.clone())
+
+        def end(self):
+            self.ended = True
+
+    ids, mask = padded_prompt(1, 6, seed=71)
+    streamer = Recorder()
+    out = generate(model, ids, mask, max_new_tokens=12, streamer=streamer)
+    assert streamer.ended
+    assert torch.equal(streamer.values[0], ids)  # the prompt first, as transformers does
+    assert torch.equal(torch.cat([v.reshape(-1) for v in streamer.values[1:]]), out[0, 6:])
+
+
+def test_sampling_is_reproducible_and_top_k_1_is_greedy(model):
+    ids, mask = padded_prompt(2, 8, [0, 2], seed=81)
+    greedy = generate(model, ids, mask, max_new_tokens=20)
+    assert torch.equal(generate(model, ids, mask, max_new_tokens=20, do_sample=True, top_k=1), greedy)
+    torch.manual_seed(7)
+    first = generate(model, ids, mask, max_new_tokens=20, do_sample=True, temperature=1.5, top_p=0.9)
+    torch.manual_seed(7)
+    again = generate(model, ids, mask, max_new_tokens=20, do_sample=True, temperature=1.5, top_p=0.9)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, greedy)
+
+
+def test_choose_next_samples_from_the_filtered_distribution():
+    torch.manual_seed(0)
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, -3.0]]).repeat(20000, 1)
+    counts = torch.bincount(choose_next(logits, Sampling(True, 1.0, 1.0, 3)), minlength=5).float() / 20000
+    expected = torch.softmax(torch.tensor([2.0, 1.0, 0.5]), 0)
+    torch.testing.assert_close(counts[:3], expected, atol=0.015, rtol=0)
+    assert counts[3:].sum() == 0
+    # p = [0.607, 0.223, 0.135, ...]: top-p 0.6 keeps the top token alone, top-p 0.8 the top two
+    assert torch.bincount(choose_next(logits, Sampling(True, 1.0, 0.6, 0)), minlength=5)[0] == 20000
+    two = torch.bincount(choose_next(logits, Sampling(True, 1.0, 0.8, 0)), minlength=5).float() / 20000
+    torch.testing.assert_close(two[:2], torch.tensor([0.607, 0.223]) / 0.830, atol=0.015, rtol=0)
+    assert two[2:].sum() == 0
+
+
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        (dict(max_new_tokens=0), "max_new_tokens must be an int >= 1"),
+        (dict(max_new_tokens=4, do_sample=True, temperature=0.0), "temperature must be > 0"),
+        (dict(max_new_tokens=4, top_p=0.0), r"top_p must be in \(0, 1\]"),
+        (dict(max_new_tokens=4, top_p=1.5), r"top_p must be in \(0, 1\]"),
+        (dict(max_new_tokens=4, top_k=-1), "top_k must be an int >= 0"),
+    ],
+)
+def test_bad_generation_options(model, options, match):
+    ids, mask = padded_prompt(1, 4)
+    with pytest.raises(ValueError, match=match):
+        generate(model, ids, mask, **options)
+
+
+def test_unpatched_model_and_wrong_device_are_refused(model):
+    ids, mask = padded_prompt(1, 4)
+    with pytest.raises(ValueError, match="not patched"):
+        generate(tiny_model(), ids, mask, max_new_tokens=4)
+    with pytest.raises(ValueError, match="input_ids is on meta but the model is on cpu"):
+        generate(model, ids.to("meta"), None, max_new_tokens=4)
