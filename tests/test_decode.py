@@ -142,3 +142,15 @@ def test_unpatched_model_and_wrong_device_are_refused(model):
         generate(tiny_model(), ids, mask, max_new_tokens=4)
     with pytest.raises(ValueError, match="input_ids is on meta but the model is on cpu"):
         generate(model, ids.to("meta"), None, max_new_tokens=4)
+
+
+def test_transformers_own_compiled_generate_equals_eager(model):
+    """model.generate with transformers' compile path (auto on CUDA; forced here on CPU) compacts on schedule."""
+    from transformers import CompileConfig
+
+    config = CompileConfig(fullgraph=True, dynamic=False, mode="default")
+    config._compile_all_devices = True  # transformers only compiles on accelerators unless told otherwise
+    ids, mask = padded_prompt(2, 9, [0, 3], seed=91)
+    compiled = eager(model, ids, mask, 60, compile_config=config)
+    assert torch.equal(compiled, eager(model, ids, mask, 60))
+    assert torch.equal(compiled, generate(model, ids, mask, max_new_tokens=60))

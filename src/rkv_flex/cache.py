@@ -52,7 +52,7 @@ def check_scores(scores: Any, valid: Tensor) -> None:
 class RKVLayer(CacheLayerMixin):
     """One decoder layer's slots. ``keys``/``values`` [B, Hkv, C, D]; ``valid``/``pos`` [B, Hkv, C]."""
 
-    is_compileable = False
+    is_compileable = True
     is_sliding = False
 
     def __init__(self, config: RKVConfig, num_query_heads: int, policy: Any, sliding_window: int | None = None):
@@ -373,6 +373,13 @@ class RKVCache(Cache):
                 self._staged_from = used
         self.slots_used = config.budget if self._staged_from is not None else used + length
         self.tokens_seen += length
+
+    def cancel_plan(self) -> None:
+        """Forget a planned forward that never ran (a scheduler plans one step past the end of generation)."""
+        if self._planned is not None:
+            self.tokens_seen -= self._planned
+            self.slots_used -= self._planned
+            self._planned = None
 
     def compact(self) -> None:
         """Compact every layer back to ``budget`` slots now."""

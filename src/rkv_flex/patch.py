@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import AttentionInterface
+from transformers import AttentionInterface, LogitsProcessor, LogitsProcessorList
 from transformers.masking_utils import AttentionMaskInterface
 
 from .attention import ATTENTION_NAME, padding_mask, rkv_attention
@@ -103,6 +103,21 @@ def check_prompt(input_ids: torch.Tensor | None, attention_mask: torch.Tensor | 
             raise ValueError(f"prompt rows {empty} have no tokens (their attention_mask is all zeros)")
 
 
+class CompactionScheduler(LogitsProcessor):
+    """Plans each next forward on the host between transformers' forwards.
+
+    transformers calls logits processors eagerly after every forward, also when it compiles the forward itself
+    (``compile_config``, or automatically on CUDA); a compiled forward cannot plan its own compaction.
+    """
+
+    def __init__(self, cache: RKVCache):
+        self.cache = cache
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.cache.begin_step(1)
+        return scores
+
+
 def _patched_generate(model: Any, *args: Any, **kwargs: Any):
     """``generate`` of a patched model: the stock one, with an RKVCache unless the caller passed one."""
     record = patch_record(model)
@@ -123,4 +138,11 @@ def _patched_generate(model: Any, *args: Any, **kwargs: Any):
     check_prompt(input_ids, kwargs.get("attention_mask"))
     if kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
         kwargs["cache"] = RKVCache.for_model(model.config, record.config)
-    return type(model).generate(model, *args, **kwargs)
+    cache = kwargs.get("cache") or kwargs.get("past_key_values")
+    kwargs["logits_processor"] = LogitsProcessorList(
+        [*(kwargs.get("logits_processor") or []), CompactionScheduler(cache)]
+    )
+    try:
+        return type(model).generate(model, *args, **kwargs)
+    finally:
+        cache.cancel_plan()
