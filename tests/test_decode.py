@@ -154,3 +154,13 @@ def test_transformers_own_compiled_generate_equals_eager(model):
     compiled = eager(model, ids, mask, 60, compile_config=config)
     assert torch.equal(compiled, eager(model, ids, mask, 60))
     assert torch.equal(compiled, generate(model, ids, mask, max_new_tokens=60))
+
+
+def test_chunked_prefill_is_exact_while_nothing_is_evicted(model):
+    """Chunks that fit the slots see exactly what one prefill sees; with left padding longer than a chunk too."""
+    ids, mask = padded_prompt(2, 14, [0, 9], seed=101)
+    wide = patch_model(tiny_model("llama", 6, 2, seed=1), budget=40, buffer=8, window=WINDOW)
+    whole = generate(wide, ids, mask, max_new_tokens=10)
+    assert torch.equal(generate(wide, ids, mask, max_new_tokens=10, prefill_chunk=4), whole)
+    chunked = generate(model, ids, mask, max_new_tokens=30, prefill_chunk=5)  # evicts while prefilling
+    assert chunked.shape == (2, 44)

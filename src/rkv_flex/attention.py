@@ -14,13 +14,32 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import flex_attention
 
 from .cache import RKVLayer
-from .masks import dense_slot_mask
+from .masks import decode_block_mask, dense_slot_mask
 
 ATTENTION_NAME = "rkv_flex"
 
 # One compiled wrapper per process: dynamo caches on flex_attention's code object, and static shapes avoid a
 # torch 2.13 CPU code-generation bug with dynamic shapes and captured tensors.
 compiled_flex_attention = torch.compile(flex_attention, dynamic=False, fullgraph=True)
+
+
+@torch.compiler.nested_compile_region
+def flex_decode_region(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    valid: Tensor,
+    pos: Tensor,
+    query_pos: Tensor,
+    tables: tuple[Tensor, Tensor, Tensor, Tensor],
+    scale: float,
+    sliding_window: int | None,
+) -> Tensor:
+    """Flex decoding over one layer's slots, as a region compiled once and reused by every layer of a traced step
+    (30 layers otherwise render and build 30 copies of the same flex kernel: minutes of compile on a CPU)."""
+    group = query.shape[1] // key.shape[1]
+    block_mask = decode_block_mask(tables, valid, pos, query_pos, group, sliding_window)
+    return flex_attention(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=group > 1)
 
 
 def masked_sdpa(
@@ -33,9 +52,14 @@ def masked_sdpa(
     scaling: float | None,
     sliding_window: int | None = None,
 ) -> Tensor:
-    """Exact reference: SDPA with the slot rule as a dense mask. Returns [B, Hq, L, D]."""
+    """Exact reference: SDPA with the slot rule as a dense mask. Returns [B, Hq, L, D].
+
+    A query that may see nothing (padding in a chunk before its row's first token) attends to every slot instead,
+    so its (unused) output stays finite and no NaN reaches the cache.
+    """
     group = query.shape[1] // key.shape[1]
-    allowed = dense_slot_mask(valid, pos, query_pos, sliding_window).repeat_interleave(group, dim=1)
+    allowed = dense_slot_mask(valid, pos, query_pos, sliding_window)
+    allowed = (allowed | ~allowed.any(dim=-1, keepdim=True)).repeat_interleave(group, dim=1)
     return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling, enable_gqa=group > 1)
 
 
@@ -64,10 +88,15 @@ def rkv_attention(
     query_pos = kwargs["position_ids"]
     valid, pos = layer.observe(query, query_pos, attention_mask, scaling)
     if query.shape[2] == 1 and layer.block_mask is not None:
-        group = query.shape[1] // key.shape[1]
-        out = compiled_flex_attention(
-            query, key, value, block_mask=layer.block_mask, scale=scaling, enable_gqa=group > 1
-        )
+        if torch.compiler.is_compiling():
+            out = flex_decode_region(
+                query, key, value, valid, pos, layer.query_pos, layer.block_tables, scaling, layer.sliding_window
+            )
+        else:
+            group = query.shape[1] // key.shape[1]
+            out = compiled_flex_attention(
+                query, key, value, block_mask=layer.block_mask, scale=scaling, enable_gqa=group > 1
+            )
     else:
         out = masked_sdpa(query, key, value, valid, pos, query_pos, scaling, layer.sliding_window)
     return out.transpose(1, 2).contiguous(), None

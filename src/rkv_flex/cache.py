@@ -15,6 +15,8 @@ The container decides, on the host and from plain counters (no device sync), wha
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any
 
 import torch
@@ -22,7 +24,7 @@ from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .config import RKVConfig
-from .masks import decode_block_mask, dense_slot_mask, window_mask
+from .masks import decode_block_mask, decode_block_tables, dense_slot_mask, window_mask
 from .policies import SlotState, make_policy
 from .scoring import select_keep
 
@@ -60,10 +62,12 @@ class RKVLayer(CacheLayerMixin):
         self.config = config
         self.num_query_heads = num_query_heads
         self.policy = policy
+        self.selection_region = selection_region(policy, config.budget) if getattr(policy, "evicts", True) else None
         self.sliding_window = sliding_window
         self.capacity = config.capacity
         self.staged: SlotState | None = None  # the used slots + new tokens of a forward that does not fit
-        self.block_mask = None  # the flex decoding mask over these slots (attention="flex")
+        self.block_tables: tuple[Tensor, ...] | None = None  # where flex decoding looks (attention="flex")
+        self.block_mask = None  # the flex decoding mask over these slots, for eager calls
 
     # -- allocation -------------------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
@@ -86,13 +90,13 @@ class RKVLayer(CacheLayerMixin):
         self.query_pos = _static(torch.zeros(batch, 1, dtype=torch.long, device=device))
         tracks = getattr(self.policy, "tracks_attention", False)
         self.attention_sum = _static(torch.zeros(slots, dtype=torch.float32, device=device)) if tracks else None
-        self.block_mask = None
+        self.block_tables = self.block_mask = None
         if self.config.attention == "flex":
+            self.block_tables = tuple(_static(t) for t in decode_block_tables(batch, capacity, device))
             group = self.num_query_heads // kv_heads
-            self.block_mask = decode_block_mask(self.valid, self.pos, self.query_pos, group, self.sliding_window)
-            for tensor in self.block_mask.as_tuple(flatten=True):
-                if isinstance(tensor, Tensor):
-                    _static(tensor)
+            self.block_mask = decode_block_mask(
+                self.block_tables, self.valid, self.pos, self.query_pos, group, self.sliding_window
+            )
         self.is_initialized = True
 
     def grow(self, capacity: int) -> None:
@@ -222,10 +226,12 @@ class RKVLayer(CacheLayerMixin):
 
     def _keep_best(self, state: SlotState) -> None:
         budget = self.config.budget
-        scores = self.policy(state)
-        if not torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
+            keep = self.selection_region(*astuple_shallow(state))
+        else:
+            scores = self.policy(state)
             check_scores(scores, state.valid)
-        keep = select_keep(scores, state.valid, state.window, budget)
+            keep = select_keep(scores, state.valid, state.window, budget)
         per_dim = keep[..., None].expand(-1, -1, -1, state.keys.shape[-1])
         self.keys[:, :, :budget].copy_(state.keys.gather(2, per_dim))
         self.values[:, :, :budget].copy_(state.values.gather(2, per_dim))
@@ -267,6 +273,29 @@ class RKVLayer(CacheLayerMixin):
     def kv_bytes(self) -> int:
         """Bytes of K and V held (the slots, free ones included)."""
         return self.keys.nbytes + self.values.nbytes if self.is_initialized else 0
+
+
+def astuple_shallow(state: SlotState) -> tuple:
+    return tuple(getattr(state, field.name) for field in dataclasses.fields(state))
+
+
+def selection_region(policy: Any, budget: int):
+    """The kept-slot choice of one layer as a region compiled once and reused by every layer of a traced
+    compaction (instead of one copy of the scoring kernels per layer)."""
+    try:
+        return _cached_selection_region(policy, budget)
+    except TypeError:  # an unhashable user scorer: its own region
+        return _cached_selection_region.__wrapped__(policy, budget)
+
+
+@functools.cache
+def _cached_selection_region(policy: Any, budget: int):
+    @torch.compiler.nested_compile_region
+    def select(*fields: Any) -> Tensor:
+        state = SlotState(*fields)
+        return select_keep(policy(state), state.valid, state.window, budget)
+
+    return select
 
 
 def received_attention(query: Tensor, keys: Tensor, allowed: Tensor, query_valid: Tensor | None, scaling: float):

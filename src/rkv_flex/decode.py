@@ -173,15 +173,22 @@ def generate(
     streamer: Any = None,
     compile: bool = True,
     stop_check_every: int = 16,
+    prefill_chunk: int | None = None,
 ) -> Tensor:
     """Decode with the patched model's slot cache; returns [B, prompt + new] token ids like ``model.generate``.
 
     Greedy output equals the patched model's eager ``generate`` for the same config. Rows that emit an
     end-of-sequence id are padded from then on; the loop ends early once every row is done (checked every
     ``stop_check_every`` steps, the only host sync besides streaming). ``compile=False`` runs the same loop eagerly.
+    ``prefill_chunk`` feeds a long prompt in chunks of that many tokens, so prefill memory stays bounded: each chunk
+    attends to the slots kept so far plus itself (an approximation of attending to the whole prompt).
     """
     record = patch_record(model)
     _check_inputs(model, input_ids, attention_mask, max_new_tokens)
+    if prefill_chunk is not None and (
+        isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1
+    ):
+        raise ValueError(f"prefill_chunk must be an int >= 1 or None, got {prefill_chunk!r}")
     sampling = Sampling(do_sample, temperature, top_p, top_k)
     batch, prompt = input_ids.shape
     device = input_ids.device
@@ -201,14 +208,17 @@ def generate(
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    logits = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=positions,
-        cache=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    ).logits[:, -1]
+    chunk = prefill_chunk or prompt
+    for start in range(0, prompt, chunk):
+        end = min(start + chunk, prompt)
+        logits = model(
+            input_ids=input_ids[:, start:end],
+            attention_mask=attention_mask[:, :end],
+            position_ids=positions[:, start:end],
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1]
     first = choose_next(logits, sampling)
     stops = torch.tensor(stop_ids or [-1], dtype=torch.long, device=device)
     buffers.stop_ids = stops

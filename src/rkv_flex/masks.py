@@ -54,26 +54,37 @@ def window_mask(n_used: Tensor | int, length: int, window: int, device: torch.de
     return (slot >= n_used - window) & (slot < n_used)
 
 
-def decode_block_mask(
-    valid: Tensor, pos: Tensor, query_pos: Tensor, group: int, sliding_window: int | None = None
-) -> BlockMask:
-    """A BlockMask for one query per sequence over all slots of ``valid``/``pos`` [B, Hkv, C].
+def decode_block_tables(batch: int, capacity: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Block tables for one query per sequence over ``capacity`` slots: every block visited as a partial block.
 
-    Every block is visited (as a partial block) and the mask_mod decides inside it, reading the tensors at run time:
-    built once per allocation, it stays right as the slots change in place. Head dim 1 keeps the GPU
-    flex-decoding kernel eligible.
+    (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices), head dim 1: the GPU flex-decoding kernel stays
+    eligible. torch 2.13's CPU decoding kernel reads the full-block tables unconditionally, so they are explicit
+    (and empty).
     """
-    batch, capacity, device = valid.shape[0], valid.shape[2], valid.device
     num_blocks = -(-capacity // BLOCK_SIZE)
     shape = (batch, 1, 1)
-    # torch 2.13's CPU decoding kernel reads full_kv_num_blocks unconditionally: pass explicit empty full blocks.
+    return (
+        torch.full(shape, num_blocks, dtype=torch.int32, device=device),
+        torch.arange(num_blocks, dtype=torch.int32, device=device).expand(*shape, num_blocks).contiguous(),
+        torch.zeros(shape, dtype=torch.int32, device=device),
+        torch.zeros((*shape, num_blocks), dtype=torch.int32, device=device),
+    )
+
+
+def decode_block_mask(
+    tables: tuple[Tensor, Tensor, Tensor, Tensor],
+    valid: Tensor,
+    pos: Tensor,
+    query_pos: Tensor,
+    group: int,
+    sliding_window: int | None = None,
+) -> BlockMask:
+    """The BlockMask over the slots ``valid``/``pos`` [B, Hkv, C]: the tables say where to look, the mask_mod reads
+    the slot tensors at run time, so one BlockMask stays right as the slots change in place."""
     return BlockMask.from_kv_blocks(
-        kv_num_blocks=torch.full(shape, num_blocks, dtype=torch.int32, device=device),
-        kv_indices=torch.arange(num_blocks, dtype=torch.int32, device=device).expand(*shape, num_blocks).contiguous(),
-        full_kv_num_blocks=torch.zeros(shape, dtype=torch.int32, device=device),
-        full_kv_indices=torch.zeros((*shape, num_blocks), dtype=torch.int32, device=device),
+        *tables,
         BLOCK_SIZE=BLOCK_SIZE,
         mask_mod=slot_mask_mod(valid, pos, query_pos, group, sliding_window),
-        seq_lengths=(1, capacity),
+        seq_lengths=(1, valid.shape[2]),
         compute_q_blocks=False,
     )
