@@ -111,7 +111,8 @@ def run_stock_eager(model, ids, new_tokens) -> StepClock:
 
 
 def run_static(model, ids, new_tokens) -> StepClock:
-    options = dict(cache_implementation="static", compile_config=compile_config())
+    length = ids.shape[1] + new_tokens
+    options = dict(cache_implementation="static", compile_config=compile_config(), max_cache_len=length)
     hf_generate(model, ids, 3, "static warm-up", **options)  # compiles for this batch and max_cache_len
     return hf_generate(model, ids, new_tokens, "stock-static-compiled", **options)
 

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .cache import RKVCache, compact_layers
 from .patch import check_prompt, patch_record
-from .policies import make_policy
+from .policies import is_builtin, make_policy
 
 
 @dataclass(frozen=True)
@@ -198,7 +198,8 @@ def generate(
     session = session_for(model, batch, device, capacity)
     cache, buffers = session.cache, session.buffers
     graphs = graphs_for(device) if compile else None
-    cache.compactor = graphs.compact if compile else compact_layers
+    # A user scorer compacts eagerly: its output is checked, and it need not be traceable.
+    cache.compactor = graphs.compact if compile and is_builtin(cache.policy) else compact_layers
     stop_ids = _stop_ids(eos_token_id, model)
     pad_id = pad_token_id if pad_token_id is not None else getattr(model.generation_config, "pad_token_id", None)
     pad_id = pad_id if pad_id is not None else (stop_ids[0] if stop_ids else 0)

@@ -120,6 +120,10 @@ class Full:
         raise RuntimeError("the 'full' policy never compacts; it has no scores")
 
 
+def is_builtin(policy: object) -> bool:
+    return isinstance(policy, (RKV, SnapKV, Streaming, H2O, Random, Full))
+
+
 def make_policy(config: RKVConfig):
     """The policy object for ``config.policy`` (a name, or a user callable returned as is)."""
     if callable(config.policy):
