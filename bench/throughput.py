@@ -153,7 +153,7 @@ def predicted(shape: Shape, batch: int, baseline_tokens: float, rkv_tokens: floa
 
 def part_a(model, prompt_ids, args, shape, capacity) -> dict:
     prompt = prompt_ids.shape[1]
-    final = prompt + args.new_tokens
+    final = prompt + args.new_tokens - 1  # the context of the last decode step
     lengths = sorted({capacity, *[length for length in args.lengths if length < final], final})
     clocks = {"stock-eager": run_stock_eager(model, prompt_ids, args.new_tokens)}
     kv_full = shape.kv_bytes_per_token * final

@@ -1,4 +1,9 @@
-"""The ``rkv-flex`` command: ``generate`` (the demo, default: the bundled SmolLM2 on a GSM8K question)."""
+"""The ``rkv-flex`` command.
+
+generate   stream a generation with a bounded R-KV cache (default: the bundled SmolLM2 on a GSM8K question)
+eval       answer accuracy on GSM8K / MATH-500 per policy and budget, for any local model
+bench      run a benchmark script from bench/ (throughput, fidelity, retention) in a source checkout
+"""
 
 from __future__ import annotations
 
@@ -33,7 +38,30 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
     generate.add_argument("--top-p", type=float, default=1.0)
     generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--compile", action="store_true", help="use the compiled decoding loop (rkv_flex.generate)")
     generate.set_defaults(run=run_generate)
+
+    evaluate = commands.add_parser("eval", help="answer accuracy per policy and budget")
+    evaluate.add_argument("--model", help="local HF model directory or .gguf file (default: bundled SmolLM2-135M)")
+    evaluate.add_argument("--dataset", choices=["gsm8k", "math500"], default="gsm8k")
+    evaluate.add_argument("--limit", type=int, default=None, help="first N problems (default: all)")
+    evaluate.add_argument("--policies", nargs="+", default=["full", "rkv", "snapkv"])
+    evaluate.add_argument("--budgets", type=int, nargs="+", default=[128, 256, 512])
+    evaluate.add_argument("--buffer", type=int, default=128)
+    evaluate.add_argument("--window", type=int, default=8)
+    evaluate.add_argument("--lam", type=float, default=0.1)
+    evaluate.add_argument("--max-new-tokens", type=int, default=1024)
+    evaluate.add_argument("--batch", type=int, default=1)
+    evaluate.add_argument("--no-compile", dest="compile", action="store_false", help="eager transformers generate")
+    evaluate.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--out", help="write the results as JSON here")
+    evaluate.set_defaults(run=run_eval)
+
+    bench = commands.add_parser("bench", help="run bench/<name>.py from a source checkout")
+    bench.add_argument("name", choices=["throughput", "fidelity", "retention"])
+    bench.add_argument("options", nargs=argparse.REMAINDER)
+    bench.set_defaults(run=run_bench)
     return parser
 
 
@@ -53,20 +81,99 @@ def run_generate(args: argparse.Namespace) -> int:
     inputs = tokenizer(chat_prompt(tokenizer, question), return_tensors="pt").to(args.device)
     prompt_tokens = inputs.input_ids.shape[1]
     patch_model(model, config)
-    cache = make_cache(model)
     sampling = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p) if args.temperature else {}
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     torch.manual_seed(args.seed)
     print(f"[rkv-flex] {question}\n", flush=True)
     start = time.perf_counter()
-    output = model.generate(
-        **inputs,
-        cache=cache,
-        max_new_tokens=args.max_new_tokens,
-        streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
-        **({"do_sample": False} | sampling),
-    )
+    if args.compile:
+        from .decode import _sessions, generate
+
+        output = generate(
+            model,
+            inputs.input_ids,
+            inputs.attention_mask,
+            max_new_tokens=args.max_new_tokens,
+            streamer=streamer,
+            **sampling,
+        )
+        cache = next(iter(_sessions[model].values())).cache
+    else:
+        cache = make_cache(model)
+        output = model.generate(
+            **inputs,
+            cache=cache,
+            max_new_tokens=args.max_new_tokens,
+            streamer=streamer,
+            **({"do_sample": False} | sampling),
+        )
     seconds = time.perf_counter() - start
     print(summary(model, cache, prompt_tokens, output.shape[1] - prompt_tokens, seconds))
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from . import RKVConfig, patch_model, unpatch_model
+    from .bundled import load_model, load_problems
+    from .evaluate import evaluate
+
+    configs = [
+        RKVConfig(budget=budget, buffer=args.buffer, window=args.window, lam=args.lam, policy=policy)
+        for policy in args.policies
+        for budget in (args.budgets if policy != "full" else args.budgets[:1])
+    ]
+    if args.max_new_tokens < 1 or args.batch < 1:
+        raise ValueError("--max-new-tokens and --batch must be >= 1")
+    problems = load_problems(args.dataset, args.limit)
+    model, tokenizer = load_model(args.model, DTYPES[args.dtype], args.device)
+    rows = []
+    print(f"{args.dataset}: {len(problems)} problems, greedy, {args.max_new_tokens} new tokens at most")
+    print("| policy | budget | accuracy | correct | new tokens | tokens/s |\n|---|---|---|---|---|---|")
+    for config in configs:
+        patch_model(model, config)
+        start = time.perf_counter()
+        correct, total, produced, answers = evaluate(
+            model, tokenizer, problems, args.max_new_tokens, args.batch, args.compile
+        )
+        seconds = time.perf_counter() - start
+        unpatch_model(model)
+        budget = "-" if config.policy == "full" else config.budget
+        rows.append(
+            dict(
+                policy=config.policy,
+                budget=budget,
+                accuracy=correct / total,
+                correct=correct,
+                total=total,
+                new_tokens=produced,
+                seconds=seconds,
+                answers=answers,
+            )
+        )
+        print(
+            f"| {config.policy} | {budget} | {correct / total:.3f} | {correct}/{total} | {produced} | "
+            f"{produced / seconds:.1f} |",
+            flush=True,
+        )
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump(
+                {"dataset": args.dataset, "model": args.model or "bundled SmolLM2-135M", "rows": rows}, handle, indent=1
+            )
+    return 0
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "bench" / f"{args.name}.py"
+    if not script.exists():
+        raise FileNotFoundError(f"{script} not found: the benchmarks ship with the source checkout")
+    sys.argv = [str(script), *args.options]
+    runpy.run_path(str(script), run_name="__main__")
     return 0
 
 

@@ -1,0 +1,255 @@
+"""Fidelity to the full cache: every policy and budget on the bundled SmolLM2 with real math prompts.
+
+1. Trajectories: the full cache (stock transformers) samples --new-tokens tokens per prompt at the paper's setting
+   (temperature 0.6, top-p 0.95, fixed seed), one batch for all prompts (GSM8K and MATH-500, chat template).
+   Each trajectory's distinct-4-gram ratio is reported, so degenerate (looping) ones are visible.
+2. Teacher-forced replay of each trajectory under each policy and budget, in chunks that end exactly where the
+   slots fill (equivalent to decoding token by token; tests/test_replay.py proves it): at every generated position,
+   top-1 agreement with the full cache's next-token argmax and KL(full || policy) of the next-token distribution.
+3. Free-running: the same sampled generation (same seed, same batch: identical random draws) under each policy,
+   until every row has left its full-cache trajectory; tokens until the first divergence.
+4. A lam / window sweep of R-KV at one budget (teacher-forced).
+
+    python bench/fidelity.py                  # default size: 8 prompts x 1024 tokens, budgets 64-512 (CPU, ~30 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, environment, write_json
+
+from rkv_flex import RKVConfig, patch_model
+from rkv_flex.bundled import chat_prompt, load_model, load_problems
+from rkv_flex.cache import RKVCache
+from rkv_flex.replay import replay
+
+SAMPLING = dict(do_sample=True, temperature=0.6, top_p=0.95)
+
+
+def distinct_4gram_ratio(tokens: list[int]) -> float:
+    grams = [tuple(tokens[i : i + 4]) for i in range(len(tokens) - 3)]
+    return len(set(grams)) / max(1, len(grams))
+
+
+def sample_trajectories(model, tokenizer, args):
+    half = args.prompts // 2
+    problems = load_problems("gsm8k", half) + load_problems("math500", args.prompts - half)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    inputs = tokenizer([chat_prompt(tokenizer, p.question) for p in problems], return_tensors="pt", padding=True)
+    torch.manual_seed(args.seed)
+    sequences = model.generate(
+        **inputs,
+        max_new_tokens=args.new_tokens,
+        min_new_tokens=args.new_tokens,
+        **SAMPLING,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    mask = torch.cat([inputs.attention_mask, torch.ones_like(sequences[:, inputs.input_ids.shape[1] :])], dim=1)
+    return problems, inputs, sequences, mask
+
+
+def reference_log_probs(model, sequences, mask, prompt: int) -> torch.Tensor:
+    """Full-cache next-token log-probs [B, N, V] (float16) at every generated position, in one stock forward."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=sequences, attention_mask=mask, position_ids=positions, use_cache=False).logits
+    return torch.log_softmax(logits[:, prompt - 1 : -1].float(), dim=-1).half()
+
+
+def teacher_forced(model, config: RKVConfig, sequences, mask, prompt: int, reference: torch.Tensor):
+    """Per generated position [B, N]: top-1 agreement with the full cache and KL(full || policy)."""
+    cache = RKVCache.for_model(model.config, config)
+    batch, generated = reference.shape[:2]
+    agree = torch.zeros(batch, generated, dtype=torch.bool)
+    kl = torch.zeros(batch, generated)
+    for start, logits in replay(model, cache, sequences[:, :-1], mask[:, :-1], prompt):
+        first = start - (prompt - 1)  # index of the generated token these logits predict
+        count = logits.shape[1]
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        full = reference[:, first : first + count].float()
+        agree[:, first : first + count] = log_probs.argmax(-1) == full.argmax(-1)
+        kl[:, first : first + count] = (full.exp() * (full - log_probs)).sum(-1)
+    return agree, kl
+
+
+class Divergence:
+    """Stopping criterion: records where each row first leaves its reference, stops when every row has."""
+
+    def __init__(self, reference: torch.Tensor, prompt: int):
+        self.reference, self.prompt = reference, prompt
+        self.first = torch.full((reference.shape[0],), reference.shape[1] - prompt, dtype=torch.long)
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        index = input_ids.shape[1] - 1
+        differs = input_ids[:, index] != self.reference[:, index]
+        fresh = differs & (self.first == self.reference.shape[1] - self.prompt)
+        self.first[fresh] = index - self.prompt
+        done = self.first < self.reference.shape[1] - self.prompt
+        return done.all().expand(input_ids.shape[0])
+
+
+def free_running(model, config: RKVConfig, inputs, sequences, args, pad_id: int) -> list[int]:
+    """Tokens each row generates before it first differs from its full-cache trajectory (N if it never does)."""
+    from transformers import StoppingCriteriaList
+
+    prompt = inputs.input_ids.shape[1]
+    criterion = Divergence(sequences, prompt)
+    torch.manual_seed(args.seed)
+    model.generate(
+        **inputs,
+        cache=RKVCache.for_model(model.config, config),
+        max_new_tokens=args.new_tokens,
+        min_new_tokens=args.new_tokens,
+        stopping_criteria=StoppingCriteriaList([criterion]),
+        pad_token_id=pad_id,
+        **SAMPLING,
+    )
+    return criterion.first.tolist()
+
+
+def summarise(agree, kl, diverged) -> dict:
+    return {
+        "top1_agreement": float(agree.float().mean()),
+        "kl_mean": float(kl.mean()),
+        "kl_median": float(kl.median()),
+        "first_divergence_median": statistics.median(diverged) if diverged else None,
+        "first_divergence": diverged,
+        "agreement_by_position": agree.float().mean(0).tolist(),
+    }
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budgets = result["args"]["budgets"]
+    runs = result["runs"]
+    figure, axes = plt.subplots(1, 4, figsize=(19, 4.3))
+    for policy in result["args"]["policies"]:
+        rows = [runs[f"{policy}/{b}"] for b in budgets]
+        axes[0].plot(budgets, [r["top1_agreement"] for r in rows], "o-", label=policy)
+        axes[1].plot(budgets, [r["kl_mean"] for r in rows], "o-", label=policy)
+        if rows[0]["first_divergence_median"] is not None:
+            axes[2].plot(budgets, [r["first_divergence_median"] for r in rows], "o-", label=policy)
+        curve = runs[f"{policy}/{result['args']['curve_budget']}"]["agreement_by_position"]
+        smooth = torch.tensor(curve).unfold(0, 32, 8).mean(-1)
+        axes[3].plot(range(16, 16 + 8 * len(smooth), 8), smooth, label=policy)
+    share = result["budget_share"]
+    axes[0].set(xscale="log", xlabel="budget (slots)", ylabel="top-1 agreement", title="Teacher-forced top-1 agreement")
+    axes[1].set(xscale="log", yscale="log", xlabel="budget", ylabel="mean KL(full || policy)", title="KL divergence")
+    axes[2].set(xscale="log", xlabel="budget", ylabel="tokens", title="Free-running: median first divergence")
+    axes[3].set(
+        xlabel="generated position",
+        ylabel="top-1 agreement",
+        title=f"Agreement along the trajectory, budget {result['args']['curve_budget']}",
+    )
+    for axis in axes[:3]:
+        axis.set_xticks(budgets, [f"{b}\n{100 * share[str(b)]:.0f}%" for b in budgets])
+    axes[0].legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def markdown(result: dict) -> str:
+    budgets, runs, share = result["args"]["budgets"], result["runs"], result["budget_share"]
+    lines = [
+        "| policy | " + " | ".join(f"budget {b} ({100 * share[str(b)]:.0f}%)" for b in budgets) + " |",
+        "|---" * (len(budgets) + 1) + "|",
+    ]
+    for policy in result["args"]["policies"]:
+        cells = []
+        for budget in budgets:
+            run = runs[f"{policy}/{budget}"]
+            divergence = run["first_divergence_median"]
+            cells.append(
+                f"{run['top1_agreement']:.3f} / {run['kl_mean']:.3f}"
+                + (f" / {divergence:.0f}" if divergence is not None else "")
+            )
+        lines.append(f"| {policy} | " + " | ".join(cells) + " |")
+    lines.append("\nCells: top-1 agreement / mean KL(full || policy) / median tokens to first free-running divergence.")
+    if result.get("sweep"):
+        lines.append(f"\nR-KV sweep at budget {result['args']['sweep_budget']} (top-1 agreement / mean KL):\n")
+        lines.append("| lam | window | agreement | KL |\n|---|---|---|---|")
+        lines += [
+            f"| {s['lam']} | {s['window']} | {s['top1_agreement']:.3f} | {s['kl_mean']:.3f} |" for s in result["sweep"]
+        ]
+    ratios = result["distinct_4gram_ratio"]
+    lines.append("\nDistinct-4-gram ratio of each full-cache trajectory: " + ", ".join(f"{r:.2f}" for r in ratios))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=1024)
+    parser.add_argument("--budgets", type=int, nargs="+", default=[64, 128, 256, 512])
+    parser.add_argument("--policies", nargs="+", default=["rkv", "snapkv", "streaming", "h2o", "random"])
+    parser.add_argument("--buffer", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-free-running", dest="free_running", action="store_false")
+    parser.add_argument("--sweep-budget", type=int, default=128)
+    parser.add_argument("--sweep-lams", type=float, nargs="*", default=[0.02, 0.3, 0.6])
+    parser.add_argument("--sweep-windows", type=int, nargs="*", default=[4, 16, 32])
+    parser.add_argument("--curve-budget", type=int, default=128)
+    parser.add_argument("--out", default="fidelity-smollm2")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    model, tokenizer = load_model()
+    from tqdm import tqdm
+
+    with torch.no_grad():
+        print(f"sampling {args.prompts} trajectories of {args.new_tokens} tokens with the full cache ...", flush=True)
+        problems, inputs, sequences, mask = sample_trajectories(model, tokenizer, args)
+        prompt = inputs.input_ids.shape[1]
+        generated = sequences[:, prompt:]
+        reference = reference_log_probs(model, sequences, mask, prompt)
+        lengths = inputs.attention_mask.sum(-1) + args.new_tokens
+        share = {str(b): float((b / lengths.float()).mean()) for b in args.budgets}
+        result = {
+            "args": vars(args),
+            "environment": environment(),
+            "prompt_tokens": inputs.attention_mask.sum(-1).tolist(),
+            "datasets": [p.dataset for p in problems],
+            "budget_share": share,
+            "distinct_4gram_ratio": [distinct_4gram_ratio(row.tolist()) for row in generated],
+            "runs": {},
+        }
+        patch_model(model, budget=args.budgets[0], buffer=args.buffer)
+        jobs = [(p, b) for p in args.policies for b in args.budgets]
+        for policy, budget in tqdm(jobs, desc="policies x budgets"):
+            config = RKVConfig(budget=budget, buffer=args.buffer, policy=policy)
+            agree, kl = teacher_forced(model, config, sequences, mask, prompt, reference)
+            diverged = (
+                free_running(model, config, inputs, sequences, args, tokenizer.pad_token_id)
+                if args.free_running
+                else []
+            )
+            result["runs"][f"{policy}/{budget}"] = summarise(agree, kl, diverged)
+        sweep = [(lam, 8) for lam in args.sweep_lams] + [(0.1, window) for window in args.sweep_windows]
+        result["sweep"] = []
+        for lam, window in tqdm(sweep, desc="R-KV sweep"):
+            config = RKVConfig(budget=args.sweep_budget, buffer=args.buffer, lam=lam, window=window)
+            agree, kl = teacher_forced(model, config, sequences, mask, prompt, reference)
+            result["sweep"].append({"lam": lam, "window": window, **summarise(agree, kl, [])})
+    result["seconds"] = time.perf_counter() - started
+    write_json(f"{args.out}.json", result)
+    (RESULTS / f"{args.out}.md").write_text(markdown(result))
+    plot(result, RESULTS / f"{args.out}.png")
+    print(markdown(result))
+    print(f"finished in {result['seconds'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
