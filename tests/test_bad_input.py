@@ -123,3 +123,13 @@ def test_prompt_too_long_without_prompt_compaction():
 def test_bad_policy_scores(scores, error, match):
     with pytest.raises(error, match=match):
         check_scores(scores, torch.ones(1, 2, 6, dtype=torch.bool))
+
+
+def test_a_cache_is_not_reused_for_another_batch_size():
+    model = patch_model(tiny_model(), budget=16, attention="sdpa")
+    cache = make_cache(model)
+    ids, mask = padded_prompt(2, 5)
+    model.generate(input_ids=ids, attention_mask=mask, cache=cache, max_new_tokens=2)
+    ids, mask = padded_prompt(3, 5)
+    with pytest.raises(ValueError, match=r"this cache holds batch 2 of torch\.float32 on cpu, got batch 3"):
+        model.generate(input_ids=ids, attention_mask=mask, cache=cache, max_new_tokens=2)

@@ -124,6 +124,11 @@ class RKVLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         batch, kv_heads, length, _ = key_states.shape
+        if (batch, key_states.dtype, key_states.device) != (self.keys.shape[0], self.dtype, self.device):
+            raise ValueError(
+                f"this cache holds batch {self.keys.shape[0]} of {self.dtype} on {self.device}, got batch {batch} of "
+                f"{key_states.dtype} on {key_states.device}: use a fresh cache (rkv_flex.make_cache(model))"
+            )
         kwargs = {} if kwargs is None else kwargs
         positions = kwargs.get("position_ids")
         if positions is None:

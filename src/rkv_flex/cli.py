@@ -87,7 +87,7 @@ def run_generate(args: argparse.Namespace) -> int:
     print(f"[rkv-flex] {question}\n", flush=True)
     start = time.perf_counter()
     if args.compile:
-        from .decode import _sessions, generate
+        from .decode import generate, last_cache
 
         output = generate(
             model,
@@ -97,7 +97,7 @@ def run_generate(args: argparse.Namespace) -> int:
             streamer=streamer,
             **sampling,
         )
-        cache = next(iter(_sessions[model].values())).cache
+        cache = last_cache(model)
     else:
         cache = make_cache(model)
         output = model.generate(

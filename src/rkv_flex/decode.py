@@ -97,6 +97,14 @@ class CompiledGraphs:
 
 _graphs: dict[str, CompiledGraphs] = {}
 _sessions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_last_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def last_cache(model: Any) -> RKVCache:
+    """The slot cache the compiled loop used in its latest call for ``model`` (to inspect it)."""
+    if model not in _last_cache:
+        raise ValueError("rkv_flex.generate has not run on this model yet")
+    return _last_cache[model]
 
 
 def graphs_for(device: torch.device) -> CompiledGraphs:
@@ -133,6 +141,7 @@ def session_for(model: Any, batch: int, device: torch.device, capacity: int) -> 
         per_model[key] = Session(cache, buffers)
     session = per_model[key]
     session.cache.reset()
+    _last_cache[model] = session.cache
     return session
 
 
