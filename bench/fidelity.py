@@ -29,7 +29,7 @@ from common import RESULTS, environment, write_json
 from rkv_flex import RKVConfig, patch_model
 from rkv_flex.bundled import chat_prompt, load_model, load_problems
 from rkv_flex.cache import RKVCache
-from rkv_flex.replay import replay
+from rkv_flex.replay import positions_from_mask, replay
 
 SAMPLING = dict(do_sample=True, temperature=0.6, top_p=0.95)
 
@@ -60,7 +60,7 @@ def sample_trajectories(model, tokenizer, args):
 
 def reference_log_probs(model, sequences, mask, prompt: int) -> torch.Tensor:
     """Full-cache next-token log-probs [B, N, V] (float16) at every generated position, in one stock forward."""
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    positions = positions_from_mask(mask)
     logits = model(input_ids=sequences, attention_mask=mask, position_ids=positions, use_cache=False).logits
     return torch.log_softmax(logits[:, prompt - 1 : -1].float(), dim=-1).half()
 
@@ -184,6 +184,11 @@ def markdown(result: dict) -> str:
         lines += [
             f"| {s['lam']} | {s['window']} | {s['top1_agreement']:.3f} | {s['kl_mean']:.3f} |" for s in result["sweep"]
         ]
+    sanity = result["full_sanity"]
+    lines.append(
+        f"\nSanity, `full` on the same path: agreement {sanity['top1_agreement']:.4f}, mean KL "
+        f"{sanity['kl_mean']:.2e}, first divergences {sanity['first_divergence']} (of {result['args']['new_tokens']})."
+    )
     ratios = result["distinct_4gram_ratio"]
     lines.append("\nDistinct-4-gram ratio of each full-cache trajectory: " + ", ".join(f"{r:.2f}" for r in ratios))
     return "\n".join(lines) + "\n"
@@ -226,6 +231,13 @@ def main(argv=None) -> int:
             "runs": {},
         }
         patch_model(model, budget=args.budgets[0], buffer=args.buffer)
+        # the same machinery without eviction must reproduce the full cache: agreement 1, KL 0, no divergence
+        full = RKVConfig(budget=max(args.budgets), buffer=args.buffer, policy="full")
+        agree, kl = teacher_forced(model, full, sequences, mask, prompt, reference)
+        diverged = (
+            free_running(model, full, inputs, sequences, args, tokenizer.pad_token_id) if args.free_running else []
+        )
+        result["full_sanity"] = summarise(agree, kl, diverged)
         jobs = [(p, b) for p in args.policies for b in args.budgets]
         for policy, budget in tqdm(jobs, desc="policies x budgets"):
             config = RKVConfig(budget=budget, buffer=args.buffer, policy=policy)

@@ -24,6 +24,7 @@ from torch import Tensor
 from .cache import RKVCache, compact_layers
 from .patch import check_prompt, patch_record
 from .policies import is_builtin, make_policy
+from .replay import forward_span, positions_from_mask
 
 
 @dataclass(frozen=True)
@@ -215,21 +216,13 @@ def generate(
 
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    positions = positions_from_mask(attention_mask)
     if streamer is not None:
         streamer.put(input_ids.cpu())
     chunk = prefill_chunk or prompt
     for start in range(0, prompt, chunk):
-        end = min(start + chunk, prompt)
-        logits = model(
-            input_ids=input_ids[:, start:end],
-            attention_mask=attention_mask[:, :end],
-            position_ids=positions[:, start:end],
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits[:, -1]
-    first = choose_next(logits, sampling)
+        logits = forward_span(model, cache, input_ids, attention_mask, positions, start, min(start + chunk, prompt), 1)
+    first = choose_next(logits[:, -1], sampling)
     stops = torch.tensor(stop_ids or [-1], dtype=torch.long, device=device)
     buffers.stop_ids = stops
     buffers.pad_id.fill_(pad_id)

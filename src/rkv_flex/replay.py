@@ -44,6 +44,32 @@ def _split(length: int, step: int) -> list[int]:
     return [min(step, length - start) for start in range(0, length, step)]
 
 
+def positions_from_mask(attention_mask: Tensor) -> Tensor:
+    """Absolute positions [B, T] as transformers derives them: real tokens count from 0, padding sits at 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def forward_span(
+    model: Any,
+    cache: RKVCache,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    positions: Tensor,
+    start: int,
+    end: int,
+    logits_to_keep: int = 0,
+) -> Tensor:
+    """One forward of columns ``start:end`` through ``model`` with ``cache``; returns its logits."""
+    return model(
+        input_ids=input_ids[:, start:end],
+        attention_mask=attention_mask[:, :end],
+        position_ids=positions[:, start:end],
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=logits_to_keep,
+    ).logits
+
+
 @torch.no_grad()
 def replay(
     model: Any,
@@ -63,20 +89,13 @@ def replay(
     _batch, total = input_ids.shape
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    positions = positions_from_mask(attention_mask)
     evicts = getattr(cache.policy, "evicts", True)
     bounds = [0, prompt]
     for size in fill_aligned_chunks(prompt, total, cache.config, evicts, step):
         bounds.append(bounds[-1] + size)
     for index, (start, end) in enumerate(itertools.pairwise(bounds)):
-        logits = model(
-            input_ids=input_ids[:, start:end],
-            attention_mask=attention_mask[:, :end],
-            position_ids=positions[:, start:end],
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1 if index == 0 else 0,
-        ).logits
+        logits = forward_span(model, cache, input_ids, attention_mask, positions, start, end, 1 if index == 0 else 0)
         if after_chunk is not None:
             after_chunk(cache, end)
         yield (end - 1 if index == 0 else start), logits
