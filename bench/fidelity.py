@@ -1,16 +1,20 @@
 """Fidelity to the full cache: every policy and budget on the bundled SmolLM2 with real math prompts.
 
 1. Trajectories: the full cache (stock transformers) samples --new-tokens tokens per prompt at the paper's setting
-   (temperature 0.6, top-p 0.95, fixed seed), one batch for all prompts (GSM8K and MATH-500, chat template).
-   Each trajectory's distinct-4-gram ratio is reported, so degenerate (looping) ones are visible.
+   (temperature 0.6, top-p 0.95, fixed seed; EOS suppressed so every trajectory is full length), one batch for all
+   prompts (GSM8K and MATH-500, chat template). Sampling is Gumbel-max with noise fixed per generated position
+   (rkv_flex.shared_noise). Each trajectory's distinct-4-gram ratio is reported, so degenerate (looping) ones are
+   visible.
 2. Teacher-forced replay of each trajectory under each policy and budget, in chunks that end exactly where the
    slots fill (equivalent to decoding token by token; tests/test_replay.py proves it): at every generated position,
    top-1 agreement with the full cache's next-token argmax and KL(full || policy) of the next-token distribution.
-3. Free-running: the same sampled generation (same seed, same batch: identical random draws) under each policy,
-   until every row has left its full-cache trajectory; tokens until the first divergence.
-4. A lam / window sweep of R-KV at one budget (teacher-forced).
+3. Free-running: tokens each row generates under the policy, with the same sampling noise, before it first leaves
+   its full-cache trajectory. With shared noise that is exactly the first position where the policy's own draw
+   from its teacher-forced logits misses the trajectory's token (tests/test_replay.py checks it against real
+   free-running generation), so it costs no extra decoding.
+4. A lam / window sweep of R-KV at one budget.
 
-    python bench/fidelity.py                  # default size: 8 prompts x 1024 tokens, budgets 64-512 (CPU, ~30 min)
+    python bench/fidelity.py                  # default size: 8 prompts x 1024 tokens, budgets 64-512 (CPU, ~20 min)
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import LogitsProcessorList
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, environment, write_json
@@ -30,8 +35,9 @@ from rkv_flex import RKVConfig, patch_model
 from rkv_flex.bundled import chat_prompt, load_model, load_problems
 from rkv_flex.cache import RKVCache
 from rkv_flex.replay import positions_from_mask, replay
+from rkv_flex.shared_noise import SharedNoiseSampler, first_miss
 
-SAMPLING = dict(do_sample=True, temperature=0.6, top_p=0.95)
+SAMPLING = dict(temperature=0.6, top_p=0.95)
 
 
 def distinct_4gram_ratio(tokens: list[int]) -> float:
@@ -46,16 +52,18 @@ def sample_trajectories(model, tokenizer, args):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     inputs = tokenizer([chat_prompt(tokenizer, p.question) for p in problems], return_tensors="pt", padding=True)
-    torch.manual_seed(args.seed)
+    sampler = SharedNoiseSampler(
+        inputs.input_ids.shape[1], seed=args.seed, suppress=[tokenizer.eos_token_id], **SAMPLING
+    )
     sequences = model.generate(
         **inputs,
         max_new_tokens=args.new_tokens,
-        min_new_tokens=args.new_tokens,
-        **SAMPLING,
+        do_sample=False,  # the sampler turns the argmax into a sample
+        logits_processor=LogitsProcessorList([sampler]),
         pad_token_id=tokenizer.pad_token_id,
     )
     mask = torch.cat([inputs.attention_mask, torch.ones_like(sequences[:, inputs.input_ids.shape[1] :])], dim=1)
-    return problems, inputs, sequences, mask
+    return problems, inputs, sequences, mask, sampler
 
 
 def reference_log_probs(model, sequences, mask, prompt: int) -> torch.Tensor:
@@ -65,55 +73,23 @@ def reference_log_probs(model, sequences, mask, prompt: int) -> torch.Tensor:
     return torch.log_softmax(logits[:, prompt - 1 : -1].float(), dim=-1).half()
 
 
-def teacher_forced(model, config: RKVConfig, sequences, mask, prompt: int, reference: torch.Tensor):
-    """Per generated position [B, N]: top-1 agreement with the full cache and KL(full || policy)."""
+def teacher_forced(model, config: RKVConfig, sequences, mask, prompt: int, reference, sampler):
+    """Per row: top-1 agreement [B, N] with the full cache, KL(full || policy) [B, N] and the first free-running
+    divergence (tokens before the policy's own shared-noise draw first misses the trajectory)."""
     cache = RKVCache.for_model(model.config, config)
     batch, generated = reference.shape[:2]
     agree = torch.zeros(batch, generated, dtype=torch.bool)
+    stays = torch.zeros(batch, generated, dtype=torch.bool)
     kl = torch.zeros(batch, generated)
     for start, logits in replay(model, cache, sequences[:, :-1], mask[:, :-1], prompt):
         first = start - (prompt - 1)  # index of the generated token these logits predict
-        count = logits.shape[1]
+        span = slice(first, first + logits.shape[1])
         log_probs = torch.log_softmax(logits.float(), dim=-1)
-        full = reference[:, first : first + count].float()
-        agree[:, first : first + count] = log_probs.argmax(-1) == full.argmax(-1)
-        kl[:, first : first + count] = (full.exp() * (full - log_probs)).sum(-1)
-    return agree, kl
-
-
-class Divergence:
-    """Stopping criterion: records where each row first leaves its reference, stops when every row has."""
-
-    def __init__(self, reference: torch.Tensor, prompt: int):
-        self.reference, self.prompt = reference, prompt
-        self.first = torch.full((reference.shape[0],), reference.shape[1] - prompt, dtype=torch.long)
-
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        index = input_ids.shape[1] - 1
-        differs = input_ids[:, index] != self.reference[:, index]
-        fresh = differs & (self.first == self.reference.shape[1] - self.prompt)
-        self.first[fresh] = index - self.prompt
-        done = self.first < self.reference.shape[1] - self.prompt
-        return done.all().expand(input_ids.shape[0])
-
-
-def free_running(model, config: RKVConfig, inputs, sequences, args, pad_id: int) -> list[int]:
-    """Tokens each row generates before it first differs from its full-cache trajectory (N if it never does)."""
-    from transformers import StoppingCriteriaList
-
-    prompt = inputs.input_ids.shape[1]
-    criterion = Divergence(sequences, prompt)
-    torch.manual_seed(args.seed)
-    model.generate(
-        **inputs,
-        cache=RKVCache.for_model(model.config, config),
-        max_new_tokens=args.new_tokens,
-        min_new_tokens=args.new_tokens,
-        stopping_criteria=StoppingCriteriaList([criterion]),
-        pad_token_id=pad_id,
-        **SAMPLING,
-    )
-    return criterion.first.tolist()
+        full = reference[:, span].float()
+        agree[:, span] = log_probs.argmax(-1) == full.argmax(-1)
+        kl[:, span] = (full.exp() * (full - log_probs)).sum(-1)
+        stays[:, span] = sampler.choose(logits, first) == sequences[:, prompt + first : prompt + span.stop]
+    return agree, kl, first_miss(stays).tolist()
 
 
 def summarise(agree, kl, diverged) -> dict:
@@ -121,7 +97,7 @@ def summarise(agree, kl, diverged) -> dict:
         "top1_agreement": float(agree.float().mean()),
         "kl_mean": float(kl.mean()),
         "kl_median": float(kl.median()),
-        "first_divergence_median": statistics.median(diverged) if diverged else None,
+        "first_divergence_median": statistics.median(diverged),
         "first_divergence": diverged,
         "agreement_by_position": agree.float().mean(0).tolist(),
     }
@@ -140,8 +116,7 @@ def plot(result: dict, path: Path) -> None:
         rows = [runs[f"{policy}/{b}"] for b in budgets]
         axes[0].plot(budgets, [r["top1_agreement"] for r in rows], "o-", label=policy)
         axes[1].plot(budgets, [r["kl_mean"] for r in rows], "o-", label=policy)
-        if rows[0]["first_divergence_median"] is not None:
-            axes[2].plot(budgets, [r["first_divergence_median"] for r in rows], "o-", label=policy)
+        axes[2].plot(budgets, [r["first_divergence_median"] for r in rows], "o-", label=policy)
         curve = runs[f"{policy}/{result['args']['curve_budget']}"]["agreement_by_position"]
         smooth = torch.tensor(curve).unfold(0, 32, 8).mean(-1)
         axes[3].plot(range(16, 16 + 8 * len(smooth), 8), smooth, label=policy)
@@ -172,17 +147,16 @@ def markdown(result: dict) -> str:
         for budget in budgets:
             run = runs[f"{policy}/{budget}"]
             divergence = run["first_divergence_median"]
-            cells.append(
-                f"{run['top1_agreement']:.3f} / {run['kl_mean']:.3f}"
-                + (f" / {divergence:.0f}" if divergence is not None else "")
-            )
+            cells.append(f"{run['top1_agreement']:.3f} / {run['kl_mean']:.3f} / {divergence:.0f}")
         lines.append(f"| {policy} | " + " | ".join(cells) + " |")
     lines.append("\nCells: top-1 agreement / mean KL(full || policy) / median tokens to first free-running divergence.")
     if result.get("sweep"):
-        lines.append(f"\nR-KV sweep at budget {result['args']['sweep_budget']} (top-1 agreement / mean KL):\n")
-        lines.append("| lam | window | agreement | KL |\n|---|---|---|---|")
+        lines.append(f"\nR-KV sweep at budget {result['args']['sweep_budget']}:\n")
+        lines.append("| lam | window | agreement | KL | first divergence |\n|---|---|---|---|---|")
         lines += [
-            f"| {s['lam']} | {s['window']} | {s['top1_agreement']:.3f} | {s['kl_mean']:.3f} |" for s in result["sweep"]
+            f"| {s['lam']} | {s['window']} | {s['top1_agreement']:.3f} | {s['kl_mean']:.3f} "
+            f"| {s['first_divergence_median']:.0f} |"
+            for s in result["sweep"]
         ]
     sanity = result["full_sanity"]
     lines.append(
@@ -202,7 +176,6 @@ def main(argv=None) -> int:
     parser.add_argument("--policies", nargs="+", default=["rkv", "snapkv", "streaming", "h2o", "random"])
     parser.add_argument("--buffer", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-free-running", dest="free_running", action="store_false")
     parser.add_argument("--sweep-budget", type=int, default=128)
     parser.add_argument("--sweep-lams", type=float, nargs="*", default=[0.02, 0.3, 0.6])
     parser.add_argument("--sweep-windows", type=int, nargs="*", default=[4, 16, 32])
@@ -215,7 +188,7 @@ def main(argv=None) -> int:
 
     with torch.no_grad():
         print(f"sampling {args.prompts} trajectories of {args.new_tokens} tokens with the full cache ...", flush=True)
-        problems, inputs, sequences, mask = sample_trajectories(model, tokenizer, args)
+        problems, inputs, sequences, mask, sampler = sample_trajectories(model, tokenizer, args)
         prompt = inputs.input_ids.shape[1]
         generated = sequences[:, prompt:]
         reference = reference_log_probs(model, sequences, mask, prompt)
@@ -233,27 +206,18 @@ def main(argv=None) -> int:
         patch_model(model, budget=args.budgets[0], buffer=args.buffer)
         # the same machinery without eviction must reproduce the full cache: agreement 1, KL 0, no divergence
         full = RKVConfig(budget=max(args.budgets), buffer=args.buffer, policy="full")
-        agree, kl = teacher_forced(model, full, sequences, mask, prompt, reference)
-        diverged = (
-            free_running(model, full, inputs, sequences, args, tokenizer.pad_token_id) if args.free_running else []
-        )
-        result["full_sanity"] = summarise(agree, kl, diverged)
+        result["full_sanity"] = summarise(*teacher_forced(model, full, sequences, mask, prompt, reference, sampler))
         jobs = [(p, b) for p in args.policies for b in args.budgets]
         for policy, budget in tqdm(jobs, desc="policies x budgets"):
             config = RKVConfig(budget=budget, buffer=args.buffer, policy=policy)
-            agree, kl = teacher_forced(model, config, sequences, mask, prompt, reference)
-            diverged = (
-                free_running(model, config, inputs, sequences, args, tokenizer.pad_token_id)
-                if args.free_running
-                else []
-            )
-            result["runs"][f"{policy}/{budget}"] = summarise(agree, kl, diverged)
+            measured = teacher_forced(model, config, sequences, mask, prompt, reference, sampler)
+            result["runs"][f"{policy}/{budget}"] = summarise(*measured)
         sweep = [(lam, 8) for lam in args.sweep_lams] + [(0.1, window) for window in args.sweep_windows]
         result["sweep"] = []
         for lam, window in tqdm(sweep, desc="R-KV sweep"):
             config = RKVConfig(budget=args.sweep_budget, buffer=args.buffer, lam=lam, window=window)
-            agree, kl = teacher_forced(model, config, sequences, mask, prompt, reference)
-            result["sweep"].append({"lam": lam, "window": window, **summarise(agree, kl, [])})
+            measured = teacher_forced(model, config, sequences, mask, prompt, reference, sampler)
+            result["sweep"].append({"lam": lam, "window": window, **summarise(*measured)})
     result["seconds"] = time.perf_counter() - started
     write_json(f"{args.out}.json", result)
     (RESULTS / f"{args.out}.md").write_text(markdown(result))

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import padded_prompt, tiny_model
+from transformers import LogitsProcessorList
 
 from rkv_flex import RKVConfig, make_cache, patch_model
 from rkv_flex.replay import fill_aligned_chunks, replay
+from rkv_flex.shared_noise import SharedNoiseSampler, first_miss
 
 
 def test_chunks_end_exactly_where_the_slots_fill():
@@ -36,3 +38,42 @@ def test_fill_aligned_replay_equals_step_by_step(policy):
     assert chunked.shape == stepwise.shape == (2, 70 - prompt + 1, 256)
     torch.testing.assert_close(chunked, stepwise, rtol=1e-4, atol=1e-4)
     assert torch.equal(chunked.argmax(-1), stepwise.argmax(-1))
+
+
+@pytest.mark.parametrize("policy", ["rkv", "streaming", "full"])
+def test_free_running_divergence_is_the_first_teacher_forced_miss(policy):
+    """bench/fidelity.py reads free-running divergence off teacher-forced logits; real free-running agrees."""
+    model = tiny_model("llama", 4, 2, seed=3)
+    ids, mask = padded_prompt(2, 10, [0, 3], seed=3)
+    prompt, new = 10, 60
+    sampler = SharedNoiseSampler(prompt, seed=5, temperature=0.6, top_p=0.95)
+    sample = dict(max_new_tokens=new, do_sample=False, logits_processor=LogitsProcessorList([sampler]))
+    reference = model.generate(input_ids=ids, attention_mask=mask, **sample)
+    patch_model(model, budget=12, buffer=6, window=3, policy=policy, sinks=2, attention="sdpa")
+    full_mask = torch.cat([mask, torch.ones_like(reference[:, prompt:])], dim=1)
+    matches = []
+    for start, logits in replay(model, make_cache(model), reference[:, :-1], full_mask[:, :-1], prompt):
+        first = start - (prompt - 1)
+        drawn = sampler.choose(logits, first)
+        matches.append(drawn == reference[:, prompt + first : prompt + first + logits.shape[1]])
+    predicted = first_miss(torch.cat(matches, dim=1))
+    free = model.generate(input_ids=ids, attention_mask=mask, cache=make_cache(model), **sample)
+    observed = first_miss(free[:, prompt:] == reference[:, prompt:])
+    assert torch.equal(predicted, observed)
+    if policy == "full":
+        assert (observed == new).all()
+    else:  # evicting this much must change the samples, or the test proves nothing
+        assert (observed < new).all()
+
+
+def test_shared_noise_samples_from_the_warped_distribution():
+    sampler = SharedNoiseSampler(0, seed=1, temperature=0.5, top_p=0.95, suppress=[3])
+    logits = torch.tensor([[[2.0, 1.0, 0.0, 5.0, -1.0]]]).expand(1, 4000, 5)
+    drawn = sampler.choose(logits, 0).flatten()
+    assert not (drawn == 3).any()  # suppressed
+    warped = (torch.tensor([2.0, 1.0, 0.0, -1.0]) / 0.5).softmax(-1)  # without token 3: .865 .117 .016 .002
+    assert set(drawn.tolist()) == {0, 1}  # top-p 0.95 drops the two least likely (.018 <= .05)
+    share = (drawn == 0).float().mean()
+    assert abs(share - warped[0] / warped[:2].sum()) < 0.03
+    torch.testing.assert_close(sampler.noise(7, 2, 5), sampler.noise(7, 2, 5))
+    assert first_miss(torch.tensor([[True, False, True], [True, True, True]])).tolist() == [1, 3]

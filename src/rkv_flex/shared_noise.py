@@ -1,0 +1,74 @@
+"""Sampling with shared random numbers, so free-running divergence can be read off teacher-forced logits.
+
+Gumbel-max: ``argmax(log p + G)`` with ``G`` i.i.d. Gumbel is an exact sample of ``p``. When the full cache and a
+policy draw with the same ``G`` at every generated position, the policy's free-running generation repeats the
+full-cache trajectory for as long as its own ``argmax(log p' + G)`` picks the trajectory's token; up to its first
+miss its context *is* the trajectory, so its logits there are its teacher-forced logits. The first free-running
+divergence is therefore the first miss under teacher forcing, with no extra decoding (tests/test_replay.py checks
+this against real free-running generation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from transformers import LogitsProcessor
+
+
+class SharedNoiseSampler(LogitsProcessor):
+    """Temperature + top-p sampling by Gumbel-max with noise fixed per (seed, generated position).
+
+    As a logits processor for greedy ``model.generate(..., do_sample=False)`` it turns the argmax into that sample;
+    :meth:`choose` draws the same way for teacher-forced logits. ``suppress`` tokens (e.g. EOS) are never drawn.
+    """
+
+    def __init__(
+        self,
+        prompt_length: int,
+        seed: int = 0,
+        temperature: float = 0.6,
+        top_p: float = 0.95,
+        suppress: Sequence[int] = (),
+    ):
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        self.prompt_length, self.seed, self.temperature, self.top_p = prompt_length, seed, temperature, top_p
+        self.suppress = list(suppress)
+
+    def log_probs(self, logits: Tensor) -> Tensor:
+        """Warped log-probabilities over the last dim: temperature, then top-p as transformers' warper does it."""
+        logits = logits.float() / self.temperature
+        if self.suppress:
+            logits[..., self.suppress] = float("-inf")
+        if self.top_p < 1:
+            ascending, order = logits.sort(dim=-1)
+            tail = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - self.top_p
+            tail[..., -1] = False  # the most likely token always stays
+            logits = logits.masked_fill(tail.scatter(-1, order, tail), float("-inf"))
+        return logits.log_softmax(dim=-1)
+
+    def noise(self, step: int, batch: int, vocab: int) -> Tensor:
+        """Gumbel noise [batch, vocab] for generated position ``step``, the same on every call."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        return -torch.empty(batch, vocab).exponential_(generator=generator).log()
+
+    def choose(self, logits: Tensor, first_step: int) -> Tensor:
+        """Tokens [B, N] drawn from logits [B, N, V] whose column n predicts generated position first_step + n."""
+        batch, count, vocab = logits.shape
+        noise = torch.stack([self.noise(first_step + n, batch, vocab) for n in range(count)], dim=1)
+        return (self.log_probs(logits) + noise.to(logits.device)).argmax(dim=-1)
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        batch, vocab = scores.shape
+        step = input_ids.shape[1] - self.prompt_length
+        return self.log_probs(scores) + self.noise(step, batch, vocab).to(scores.device)
+
+
+def first_miss(matches: Tensor) -> Tensor:
+    """Per row of a bool [B, N]: index of the first False, or N when every position matches."""
+    count = matches.shape[-1]
+    return torch.where(matches.all(dim=-1), count, (~matches).int().argmax(dim=-1))
