@@ -79,7 +79,8 @@ def teacher_forced(model, config: RKVConfig, sequences, mask, prompt: int, refer
     cache = RKVCache.for_model(model.config, config)
     batch, generated = reference.shape[:2]
     agree = torch.zeros(batch, generated, dtype=torch.bool)
-    stays = torch.zeros(batch, generated, dtype=torch.bool)
+    stays = torch.ones(batch, generated, dtype=torch.bool)
+    missed = torch.zeros(batch, dtype=torch.bool)
     kl = torch.zeros(batch, generated)
     for start, logits in replay(model, cache, sequences[:, :-1], mask[:, :-1], prompt):
         first = start - (prompt - 1)  # index of the generated token these logits predict
@@ -88,7 +89,14 @@ def teacher_forced(model, config: RKVConfig, sequences, mask, prompt: int, refer
         full = reference[:, span].float()
         agree[:, span] = log_probs.argmax(-1) == full.argmax(-1)
         kl[:, span] = (full.exp() * (full - log_probs)).sum(-1)
-        stays[:, span] = sampler.choose(logits, first) == sequences[:, prompt + first : prompt + span.stop]
+        for offset in range(0, logits.shape[1], 32):  # draw only for rows still on the trajectory
+            rows = (~missed).nonzero().flatten()
+            if len(rows) == 0:
+                break
+            block = slice(first + offset, min(first + offset + 32, span.stop))
+            drawn = sampler.choose(logits[:, offset : offset + 32], block.start, rows)
+            stays[rows, block] = drawn == sequences[rows, prompt + block.start : prompt + block.stop]
+            missed[rows] |= ~stays[rows, block].all(-1)
     return agree, kl, first_miss(stays).tolist()
 
 

@@ -76,4 +76,6 @@ def test_shared_noise_samples_from_the_warped_distribution():
     share = (drawn == 0).float().mean()
     assert abs(share - warped[0] / warped[:2].sum()) < 0.03
     torch.testing.assert_close(sampler.noise(7, 2, 5), sampler.noise(7, 2, 5))
+    batch = torch.randn(3, 4, 5)
+    assert torch.equal(sampler.choose(batch, 2, torch.tensor([0, 2])), sampler.choose(batch, 2)[[0, 2]])
     assert first_miss(torch.tensor([[True, False, True], [True, True, True]])).tolist() == [1, 3]

@@ -56,11 +56,13 @@ class SharedNoiseSampler(LogitsProcessor):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         return -torch.empty(batch, vocab).exponential_(generator=generator).log()
 
-    def choose(self, logits: Tensor, first_step: int) -> Tensor:
-        """Tokens [B, N] drawn from logits [B, N, V] whose column n predicts generated position first_step + n."""
+    def choose(self, logits: Tensor, first_step: int, rows: Tensor | None = None) -> Tensor:
+        """Tokens [R, N] drawn from logits [B, N, V] whose column n predicts generated position first_step + n,
+        for the batch rows ``rows`` (indices; every row by default)."""
         batch, count, vocab = logits.shape
-        noise = torch.stack([self.noise(first_step + n, batch, vocab) for n in range(count)], dim=1)
-        return (self.log_probs(logits) + noise.to(logits.device)).argmax(dim=-1)
+        rows = torch.arange(batch) if rows is None else rows.cpu()
+        noise = torch.stack([self.noise(first_step + n, batch, vocab)[rows] for n in range(count)], dim=1)
+        return (self.log_probs(logits[rows.to(logits.device)]) + noise.to(logits.device)).argmax(dim=-1)
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         batch, vocab = scores.shape
