@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -37,8 +38,6 @@ from rkv_flex.cache import RKVCache
 from rkv_flex.replay import positions_from_mask, replay
 from rkv_flex.shared_noise import SharedNoiseSampler, first_miss
 
-SAMPLING = dict(temperature=0.6, top_p=0.95)
-
 
 def distinct_4gram_ratio(tokens: list[int]) -> float:
     grams = [tuple(tokens[i : i + 4]) for i in range(len(tokens) - 3)]
@@ -53,7 +52,11 @@ def sample_trajectories(model, tokenizer, args):
         tokenizer.pad_token = tokenizer.eos_token
     inputs = tokenizer([chat_prompt(tokenizer, p.question) for p in problems], return_tensors="pt", padding=True)
     sampler = SharedNoiseSampler(
-        inputs.input_ids.shape[1], seed=args.seed, suppress=[tokenizer.eos_token_id], **SAMPLING
+        inputs.input_ids.shape[1],
+        seed=args.seed,
+        suppress=[tokenizer.eos_token_id],
+        temperature=args.temperature,
+        top_p=args.top_p,
     )
     sequences = model.generate(
         **inputs,
@@ -139,6 +142,7 @@ def plot(result: dict, path: Path) -> None:
     )
     for axis in axes[:3]:
         axis.set_xticks(budgets, [f"{b}\n{100 * share[str(b)]:.0f}%" for b in budgets])
+        axis.minorticks_off()
     axes[0].legend()
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -184,12 +188,20 @@ def main(argv=None) -> int:
     parser.add_argument("--policies", nargs="+", default=["rkv", "snapkv", "streaming", "h2o", "random"])
     parser.add_argument("--buffer", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--temperature", type=float, default=0.6, help="trajectory sampling (the paper's 0.6)")
+    parser.add_argument("--top-p", type=float, default=0.95, help="trajectory sampling (the paper's 0.95)")
     parser.add_argument("--sweep-budget", type=int, default=128)
     parser.add_argument("--sweep-lams", type=float, nargs="*", default=[0.02, 0.3, 0.6])
     parser.add_argument("--sweep-windows", type=int, nargs="*", default=[4, 16, 32])
     parser.add_argument("--curve-budget", type=int, default=128)
     parser.add_argument("--out", default="fidelity-smollm2")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the table and plot from the JSON")
     args = parser.parse_args(argv)
+    if args.plot_only:
+        result = json.loads((RESULTS / f"{args.out}.json").read_text())
+        (RESULTS / f"{args.out}.md").write_text(markdown(result))
+        plot(result, RESULTS / f"{args.out}.png")
+        return 0
     started = time.perf_counter()
     model, tokenizer = load_model()
     from tqdm import tqdm
