@@ -79,3 +79,9 @@ def test_shared_noise_samples_from_the_warped_distribution():
     batch = torch.randn(3, 4, 5)
     assert torch.equal(sampler.choose(batch, 2, torch.tensor([0, 2])), sampler.choose(batch, 2)[[0, 2]])
     assert first_miss(torch.tensor([[True, False, True], [True, True, True]])).tolist() == [1, 3]
+
+
+@pytest.mark.parametrize(("option", "value"), [("temperature", 0.0), ("top_p", 0.0), ("top_p", 1.5)])
+def test_shared_noise_refuses_bad_sampling_settings(option, value):
+    with pytest.raises(ValueError, match=option):
+        SharedNoiseSampler(0, **{option: value})
