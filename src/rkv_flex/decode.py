@@ -45,6 +45,20 @@ class Sampling:
             raise ValueError(f"top_k must be an int >= 0 (0: no top-k), got {self.top_k!r}")
 
 
+def filter_logits(logits: Tensor, sampling: Sampling) -> Tensor:
+    """Float logits [..., V] after temperature, top-k and top-p, filtered tokens at -inf: what a sample draws from."""
+    logits = logits.float() / sampling.temperature
+    if sampling.top_k:
+        kth = logits.topk(min(sampling.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1:
+        ordered, order = logits.sort(dim=-1, descending=True)
+        probs = ordered.softmax(dim=-1)
+        outside = probs.cumsum(dim=-1) - probs > sampling.top_p  # the top token is always inside
+        logits = logits.masked_fill(outside.scatter(-1, order, outside), float("-inf"))
+    return logits
+
+
 def choose_next(logits: Tensor, sampling: Sampling) -> Tensor:
     """Next token ids [B] from last-position logits [B, V]: argmax, or a sample after temperature, top-k, top-p.
 
@@ -53,16 +67,7 @@ def choose_next(logits: Tensor, sampling: Sampling) -> Tensor:
     """
     if not sampling.do_sample:
         return logits.argmax(dim=-1)
-    logits = logits.float() / sampling.temperature
-    if sampling.top_k:
-        kth = logits.topk(min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if sampling.top_p < 1:
-        ordered, order = logits.sort(dim=-1, descending=True)
-        probs = ordered.softmax(dim=-1)
-        outside = probs.cumsum(dim=-1) - probs > sampling.top_p  # the top token is always inside
-        logits = logits.masked_fill(outside.scatter(-1, order, outside), float("-inf"))
-    probs = logits.softmax(dim=-1)
+    probs = filter_logits(logits, sampling).softmax(dim=-1)
     return (probs / torch.empty_like(probs).exponential_(1.0)).argmax(dim=-1)
 
 

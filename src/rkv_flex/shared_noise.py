@@ -16,12 +16,15 @@ import torch
 from torch import Tensor
 from transformers import LogitsProcessor
 
+from .decode import Sampling, filter_logits
+
 
 class SharedNoiseSampler(LogitsProcessor):
     """Temperature + top-p sampling by Gumbel-max with noise fixed per (seed, generated position).
 
     As a logits processor for greedy ``model.generate(..., do_sample=False)`` it turns the argmax into that sample;
     :meth:`choose` draws the same way for teacher-forced logits. ``suppress`` tokens (e.g. EOS) are never drawn.
+    Filtering is the compiled loop's (:func:`rkv_flex.decode.filter_logits`).
     """
 
     def __init__(
@@ -32,24 +35,15 @@ class SharedNoiseSampler(LogitsProcessor):
         top_p: float = 0.95,
         suppress: Sequence[int] = (),
     ):
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        self.prompt_length, self.seed, self.temperature, self.top_p = prompt_length, seed, temperature, top_p
-        self.suppress = list(suppress)
+        self.sampling = Sampling(do_sample=True, temperature=temperature, top_p=top_p)  # validates both
+        self.prompt_length, self.seed, self.suppress = prompt_length, seed, list(suppress)
 
-    def log_probs(self, logits: Tensor) -> Tensor:
-        """Warped log-probabilities over the last dim: temperature, then top-p as transformers' warper does it."""
-        logits = logits.float() / self.temperature
+    def scores(self, logits: Tensor) -> Tensor:
+        """Filtered logits over the last dim; adding Gumbel noise and taking the argmax samples from them."""
         if self.suppress:
-            logits[..., self.suppress] = float("-inf")
-        if self.top_p < 1:
-            ascending, order = logits.sort(dim=-1)
-            tail = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - self.top_p
-            tail[..., -1] = False  # the most likely token always stays
-            logits = logits.masked_fill(tail.scatter(-1, order, tail), float("-inf"))
-        return logits.log_softmax(dim=-1)
+            banned = torch.tensor(self.suppress, device=logits.device)
+            logits = logits.index_fill(-1, banned, float("-inf"))
+        return filter_logits(logits, self.sampling)
 
     def noise(self, step: int, batch: int, vocab: int) -> Tensor:
         """Gumbel noise [batch, vocab] for generated position ``step``, the same on every call."""
@@ -62,12 +56,12 @@ class SharedNoiseSampler(LogitsProcessor):
         batch, count, vocab = logits.shape
         rows = torch.arange(batch) if rows is None else rows.cpu()
         noise = torch.stack([self.noise(first_step + n, batch, vocab)[rows] for n in range(count)], dim=1)
-        return (self.log_probs(logits[rows.to(logits.device)]) + noise.to(logits.device)).argmax(dim=-1)
+        return (self.scores(logits[rows.to(logits.device)]) + noise.to(logits.device)).argmax(dim=-1)
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         batch, vocab = scores.shape
         step = input_ids.shape[1] - self.prompt_length
-        return self.log_probs(scores) + self.noise(step, batch, vocab).to(scores.device)
+        return self.scores(scores) + self.noise(step, batch, vocab).to(scores.device)
 
 
 def first_miss(matches: Tensor) -> Tensor:
