@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, environment, write_json
 
 from rkv_flex import RKVConfig, patch_model
-from rkv_flex.bundled import chat_prompt, load_model, load_problems
+from rkv_flex.bundled import chat_batch, load_model, load_problems
 from rkv_flex.cache import RKVCache
 from rkv_flex.replay import positions_from_mask, replay
 from rkv_flex.shared_noise import SharedNoiseSampler, first_miss
@@ -47,10 +47,7 @@ def distinct_4gram_ratio(tokens: list[int]) -> float:
 def sample_trajectories(model, tokenizer, args):
     half = args.prompts // 2
     problems = load_problems("gsm8k", half) + load_problems("math500", args.prompts - half)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    inputs = tokenizer([chat_prompt(tokenizer, p.question) for p in problems], return_tensors="pt", padding=True)
+    inputs = chat_batch(tokenizer, [p.question for p in problems])
     sampler = SharedNoiseSampler(
         inputs.input_ids.shape[1],
         seed=args.seed,

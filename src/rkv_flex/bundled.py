@@ -87,3 +87,11 @@ def chat_prompt(tokenizer: Any, question: str) -> str:
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return content + "\n"
+
+
+def chat_batch(tokenizer: Any, questions: list[str]) -> Any:
+    """The questions as one left-padded batch of chat prompts (``input_ids``, ``attention_mask``, as tensors)."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer([chat_prompt(tokenizer, question) for question in questions], return_tensors="pt", padding=True)

@@ -7,13 +7,12 @@ when both are numbers that are equal, or when their normalised texts are equal.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
 import torch
 
-from .bundled import MathProblem, chat_prompt
+from .bundled import MathProblem, chat_batch
 
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
@@ -71,21 +70,6 @@ def is_correct(predicted: str | None, reference: str) -> bool:
     return normalise(predicted) == normalise(reference)
 
 
-@dataclass
-class EvalResult:
-    policy: str
-    budget: int
-    correct: int = 0
-    total: int = 0
-    new_tokens: int = 0
-    seconds: float = 0.0
-    answers: list[dict] = field(default_factory=list)
-
-    @property
-    def accuracy(self) -> float:
-        return self.correct / self.total if self.total else 0.0
-
-
 @torch.no_grad()
 def evaluate(
     model: Any,
@@ -98,15 +82,11 @@ def evaluate(
     """(correct, total, new tokens, per-item answers) of a patched model, greedy, batched with left padding."""
     from .decode import generate
 
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     correct, produced, answers = 0, 0, []
     for start in range(0, len(problems), batch):
         group = problems[start : start + batch]
-        inputs = tokenizer([chat_prompt(tokenizer, p.question) for p in group], return_tensors="pt", padding=True)
-        inputs = inputs.to(model.device)
+        inputs = chat_batch(tokenizer, [p.question for p in group]).to(model.device)
         if compile:
             output = generate(
                 model,
