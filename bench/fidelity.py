@@ -14,7 +14,7 @@
    free-running generation), so it costs no extra decoding.
 4. A lam / window sweep of R-KV at one budget.
 
-    python bench/fidelity.py    # default: 8 prompts x 1024 tokens, budgets 64-512 (2 CPU cores: 23 min)
+    python bench/fidelity.py    # default: 8 prompts x 1024 tokens, budgets 64-512 (2 CPU cores: 20-23 min)
 """
 
 from __future__ import annotations
