@@ -35,7 +35,9 @@ from common import RESULTS, environment, write_json
 from rkv_flex import RKVConfig, patch_model
 from rkv_flex.bundled import chat_batch, load_model, load_problems
 from rkv_flex.cache import RKVCache
-from rkv_flex.replay import positions_from_mask, replay
+from rkv_flex.patch import layer_specs
+from rkv_flex.forward import positions_from_mask
+from rkv_flex.replay import replay
 from rkv_flex.shared_noise import SharedNoiseSampler, first_miss
 
 
@@ -76,7 +78,7 @@ def reference_log_probs(model, sequences, mask, prompt: int) -> torch.Tensor:
 def teacher_forced(model, config: RKVConfig, sequences, mask, prompt: int, reference, sampler):
     """Per row: top-1 agreement [B, N] with the full cache, KL(full || policy) [B, N] and the first free-running
     divergence (tokens before the policy's own shared-noise draw first misses the trajectory)."""
-    cache = RKVCache.for_model(model.config, config)
+    cache = RKVCache(config, layer_specs(model))
     batch, generated = reference.shape[:2]
     agree = torch.zeros(batch, generated, dtype=torch.bool)
     stays = torch.ones(batch, generated, dtype=torch.bool)

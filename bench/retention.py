@@ -22,17 +22,18 @@ from common import RESULTS, environment, write_json
 from rkv_flex import RKVConfig, patch_model
 from rkv_flex.bundled import chat_prompt, load_model, load_problems
 from rkv_flex.cache import RKVCache
+from rkv_flex.patch import layer_specs
 from rkv_flex.replay import replay
 
 
 def retention(model, sequence: torch.Tensor, prompt: int, config: RKVConfig, layer: int, step: int) -> torch.Tensor:
     """Bool [snapshots, kv_heads, positions]: what ``layer`` holds after each chunk."""
-    cache = RKVCache.for_model(model.config, config)
+    cache = RKVCache(config, layer_specs(model))
     total = sequence.shape[1]
     snapshots = []
 
     def snapshot(cache: RKVCache, fed: int) -> None:
-        slots = cache.layers[layer]
+        slots = cache.layers[layer].slots
         held = torch.zeros(slots.valid.shape[1], total, dtype=torch.bool)
         for head in range(held.shape[0]):
             held[head, slots.pos[0, head, slots.valid[0, head]]] = True

@@ -16,10 +16,6 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-# Many tiny shapes compile their own flex graph in one test process.
-torch._dynamo.config.recompile_limit = 64
-torch._dynamo.config.accumulated_recompile_limit = 512
-
 ARCHITECTURES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
@@ -83,9 +79,30 @@ def greedy(model, input_ids, attention_mask, new_tokens: int, **options):
     return out.sequences, torch.stack(out.logits)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fresh_compile_cache():
+    """Each test module starts with an empty dynamo cache, as a fresh process would: dynamo's default recompile
+    limits then apply to what one module compiles (rkv_flex raises GraphLimitError past them, never falls back)."""
+    torch._dynamo.reset()
+    yield
+
+
 @pytest.fixture(scope="session")
 def bundled():
     """(model, tokenizer) of the bundled SmolLM2-135M-Instruct, loaded once."""
     from rkv_flex.bundled import load_model
 
     return load_model()
+
+
+def teacher_forced(model, ids, mask, sequence):
+    """(logits [B, new, V], cache) of ``model`` (patched) at every generated position of ``sequence``
+    [B, prompt + new], fed teacher-forced through a fresh cache with the same compaction schedule as decoding."""
+    from rkv_flex import make_cache
+    from rkv_flex.replay import replay
+
+    prompt = ids.shape[1]
+    full_mask = torch.cat([mask, torch.ones_like(sequence[:, prompt:])], dim=1)
+    cache = make_cache(model)
+    logits = [chunk for _, chunk in replay(model, cache, sequence[:, :-1], full_mask[:, :-1], prompt)]
+    return torch.cat(logits, dim=1), cache

@@ -1,4 +1,4 @@
-"""Naive per-head loop references of every scoring formula, written from notes/rkv-method.md, in float64."""
+"""Naive per-head loop references of every scoring formula, written from docs/method.md, in float64."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import math
 import torch
 
 
-def importance(queries, query_valid, keys, candidates, kernel):
+def importance(queries, query_valid, keys, candidates, kernel, scaling=None):
     batch, q_heads, window, _ = queries.shape
     kv_heads, slots, dim = keys.shape[1:]
+    scaling = 1 / math.sqrt(dim) if scaling is None else scaling
     group = q_heads // kv_heads
     out = torch.zeros(batch, kv_heads, slots, dtype=torch.float64)
     for b in range(batch):
@@ -21,7 +22,7 @@ def importance(queries, query_valid, keys, candidates, kernel):
                 logits = {}
                 for j in cand:
                     logits[j] = max(
-                        float(queries[b, h * group + g, t].double() @ keys[b, h, j].double()) / math.sqrt(dim)
+                        float(queries[b, h * group + g, t].double() @ keys[b, h, j].double()) * scaling
                         for g in range(group)
                     )
                 top = max(logits.values()) if logits else 0.0
@@ -64,6 +65,8 @@ def received_attention(query, keys, allowed, scaling):
             h = hq // group
             for t in range(length):
                 seen = [j for j in range(slots) if allowed[b, h, t, j]]
+                if not seen:  # a query that may see nothing pays no attention
+                    continue
                 logits = {j: float(query[b, hq, t].double() @ keys[b, h, j].double()) * scaling for j in seen}
                 top = max(logits.values())
                 norm = sum(math.exp(v - top) for v in logits.values())

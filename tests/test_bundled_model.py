@@ -30,8 +30,14 @@ def test_600_tokens_at_budget_128_stay_within_256_slots_and_match_the_full_cache
     assert generated.shape[0] == 600
     assert torch.equal(generated[:exact], stock[:exact])
     assert cache.compactions == (prompt + 599 - 256 - 1) // 128 + 1
+    seen = prompt + 599  # the last new token is never fed back
+    assert cache.get_seq_length() == seen
+    used = 128 + (seen - 256 - 1) % 128 + 1  # full at 256, then back to 128 every 128 tokens
+    window = torch.arange(seen - 8, seen)
     for layer in cache.layers:
-        assert layer.keys.shape[2] == layer.values.shape[2] == 256  # allocated once, never grown
-        assert int(layer.n_used) <= 256
-        assert int(layer.valid.sum(dim=-1).max()) <= 256
-    assert cache.get_seq_length() == prompt + 599
+        slots = layer.slots
+        assert slots.keys.shape[2] == slots.values.shape[2] == 256  # allocated once, never grown
+        assert (slots.valid.sum(dim=-1) == used).all()  # every head holds exactly the scheduled count
+        held = slots.pos.masked_fill(~slots.valid, -1)
+        assert (held[..., :used].diff(dim=-1) > 0).all()  # distinct positions, in order
+        assert torch.isin(window, held).all() and (held[..., used - 8 : used] == window).all()

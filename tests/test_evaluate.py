@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from rkv_flex.bundled import load_problems
+from rkv_flex.bundled import chat_batch, load_problems
 from rkv_flex.cli import main
 from rkv_flex.evaluate import extract_answer, is_correct, last_boxed
 
@@ -62,7 +62,7 @@ def test_reference_answers_load_for_both_datasets():
 
 
 @pytest.mark.slow
-def test_eval_command_on_the_bundled_model(tmp_path, capsys):
+def test_eval_command_on_the_bundled_model(tmp_path, capsys, bundled):
     out = tmp_path / "eval.json"
     code = main(
         [
@@ -88,5 +88,14 @@ def test_eval_command_on_the_bundled_model(tmp_path, capsys):
     assert code == 0
     rows = json.loads(out.read_text())["rows"]
     assert [(row["policy"], row["total"]) for row in rows] == [("full", 2), ("rkv", 2)]
-    assert all(0 <= row["accuracy"] <= 1 and row["new_tokens"] > 0 for row in rows)
+    for row in rows:
+        assert row["correct"] == sum(answer["correct"] for answer in row["answers"])
+        assert row["accuracy"] == row["correct"] / 2
+    # the full cache answers exactly what the stock model answers
+    model, tokenizer = bundled
+    problems = load_problems("gsm8k", 2)
+    inputs = chat_batch(tokenizer, [p.question for p in problems])
+    stock = model.generate(**inputs, max_new_tokens=48, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    texts = tokenizer.batch_decode(stock[:, inputs.input_ids.shape[1] :], skip_special_tokens=True)
+    assert [answer["predicted"] for answer in rows[0]["answers"]] == [extract_answer(text) for text in texts]
     assert "| rkv | 16 |" in capsys.readouterr().out

@@ -104,6 +104,37 @@ def test_unpatch_restores_the_model_exactly():
     assert "generate" not in model.__dict__
 
 
+def test_beam_search_with_eviction_scores_each_beam_as_its_own_cache_would():
+    """Beams trade places at every step (reorder_cache) while their slots are compacted. Each returned beam's score
+    must equal the log-probability of its tokens decoded alone, teacher-forced on the same compaction schedule:
+    a beam that read another beam's slots after a reorder would score differently."""
+    from conftest import teacher_forced
+
+    from rkv_flex import make_cache
+
+    model = patch_model(tiny_model("llama", 4, 2, seed=1), budget=10, buffer=4, window=2, attention="sdpa")
+    ids, mask = padded_prompt(1, 6, seed=1)
+    cache = make_cache(model)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=30,
+        min_new_tokens=30,
+        num_beams=3,
+        num_return_sequences=3,
+        do_sample=False,
+        length_penalty=0.0,
+        output_scores=True,
+        return_dict_in_generate=True,
+        cache=cache,
+    )
+    assert cache.compactions >= 6
+    for sequence, score in zip(out.sequences, out.sequences_scores, strict=True):
+        logits, _ = teacher_forced(model, ids, mask, sequence[None])
+        logprobs = logits[0].log_softmax(-1).gather(-1, sequence[6:, None])
+        torch.testing.assert_close(logprobs.sum(), score, rtol=1e-4, atol=1e-4)
+
+
 def test_beam_search_matches_stock():
     model = tiny_model("llama", 4, 2, seed=1)
     ids, mask = padded_prompt(2, 6, [0, 2], seed=1)

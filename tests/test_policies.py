@@ -8,7 +8,8 @@ import torch
 from conftest import greedy, padded_prompt, tiny_model
 
 from rkv_flex import RKVConfig, SlotState, generate, make_cache, patch_model
-from rkv_flex.cache import RKVCache
+from rkv_flex.attention import rkv_attention
+from rkv_flex.cache import LayerSpec, RKVCache
 from rkv_flex.masks import dense_slot_mask
 
 
@@ -33,8 +34,8 @@ def test_full_policy_in_the_compiled_loop_is_token_identical_to_the_stock_model(
 
 
 def drive_h2o(config: RKVConfig, lengths: list[int], seed: int = 0):
-    """Feed random keys/queries through one H2O layer; return the cache and the full history."""
-    cache = RKVCache(config, num_layers=1, num_query_heads=4)
+    """Feed random keys/queries through one H2O layer and its attention; return the cache and the history."""
+    cache = RKVCache(config, [LayerSpec(query_group=2)])
     generator = torch.Generator().manual_seed(seed)
     queries, keys, snapshots = [], [], []
     for length in lengths:
@@ -42,21 +43,21 @@ def drive_h2o(config: RKVConfig, lengths: list[int], seed: int = 0):
         query = torch.randn(1, 4, length, 8, generator=generator)
         positions = (sum(k.shape[2] for k in keys) + torch.arange(length))[None]
         kwargs = {"position_ids": positions}
-        cache.update(key, key, 0, kwargs=kwargs)
-        layer = kwargs["rkv_layer"]
-        layer.observe(query, positions, None, 8**-0.5)
+        key_out, value_out = cache.update(key, key, 0, kwargs=kwargs)
+        rkv_attention(torch.nn.Module(), query, key_out, value_out, None, scaling=8**-0.5, **kwargs)
         queries.append(query)
         keys.append(key)
-        snapshots.append((layer.pos.clone(), layer.valid.clone(), layer.attention_sum.clone()))
+        slots = cache.layers[0].slots
+        snapshots.append((slots.pos.clone(), slots.valid.clone(), slots.attention_sum.clone()))
     return cache, torch.cat(queries, 2), torch.cat(keys, 2), snapshots
 
 
 def test_h2o_accumulates_the_attention_every_query_paid_to_each_token():
     """No eviction yet: each slot's H2O score is the attention it received from every query so far, summed over
     the query heads of its KV head (the naive loop over the whole history)."""
-    config = RKVConfig(budget=20, buffer=4, window=2, policy="h2o")
+    config = RKVConfig(budget=20, buffer=4, window=2, policy="h2o", attention="sdpa")
     cache, queries, keys, _ = drive_h2o(config, [5, 1, 1, 3, 1, 1, 1])
-    layer, seen = cache.layers[0], keys.shape[2]
+    layer, seen = cache.layers[0].slots, keys.shape[2]
     assert cache.compactions == 0
     positions = torch.arange(seen)
     allowed = dense_slot_mask(torch.ones(1, 2, seen, dtype=torch.bool), positions.expand(1, 2, -1), positions[None])
@@ -65,11 +66,11 @@ def test_h2o_accumulates_the_attention_every_query_paid_to_each_token():
 
 
 def test_h2o_keeps_the_heavy_hitters_and_carries_their_sums_through_compaction():
-    config = RKVConfig(budget=6, buffer=4, window=2, policy="h2o", compact_prompt=False)
+    config = RKVConfig(budget=6, buffer=4, window=2, policy="h2o", compact_prompt=False, attention="sdpa")
     cache, _, _, snapshots = drive_h2o(config, [10, 1], seed=1)  # the prompt fits 10 slots; the next token compacts
     assert cache.compactions == 1
     before_pos, before_valid, before_sum = snapshots[0]
-    layer = cache.layers[0]
+    layer = cache.layers[0].slots
     for head in range(2):
         sums = {
             int(p): float(s)
@@ -99,7 +100,8 @@ def test_a_custom_scorer_is_called_and_its_choice_is_honoured():
     model.generate(input_ids=ids, attention_mask=mask, cache=cache, max_new_tokens=20, do_sample=False)
     assert calls and cache.compactions == len(calls) // 2  # two layers per compaction
     for layer in cache.layers:
-        kept = sorted(layer.pos[0, 0, layer.valid[0, 0]].tolist())
+        slots = layer.slots
+        kept = sorted(slots.pos[0, 0, slots.valid[0, 0]].tolist())
         assert kept[:8] == list(range(8))  # the 8 oldest survive every compaction
 
 

@@ -1,4 +1,5 @@
-"""Teacher-forced replay in fill-aligned chunks equals step-by-step decoding, for every policy."""
+"""Teacher-forced replay in fill-aligned chunks equals real decoding (transformers' generate, one token per step),
+for every policy; free-running divergence read off it equals real free-running generation."""
 
 from __future__ import annotations
 
@@ -15,29 +16,40 @@ from rkv_flex.shared_noise import SharedNoiseSampler, first_miss
 def test_chunks_end_exactly_where_the_slots_fill():
     config = RKVConfig(budget=16, buffer=8, window=4)
     assert fill_aligned_chunks(10, 50, config) == [14, 8, 8, 8, 2]  # 24 slots: fill, then every 8 tokens
-    assert sum(fill_aligned_chunks(30, 100, config)) == 70  # a staged prompt leaves 16 used
+    assert sum(fill_aligned_chunks(30, 100, config)) == 70  # a prompt beyond the slots leaves 16 used
     assert fill_aligned_chunks(30, 100, config)[0] == 8
     assert fill_aligned_chunks(10, 50, config, step=3)[:6] == [3, 3, 3, 3, 2, 3]  # 14 free: 3+3+3+3+2
     assert fill_aligned_chunks(10, 50, config, evicts=False) == [40]
-
-
-def stepwise_logits(model, cache, ids, mask, prompt):
-    """The reference: one forward per token, exactly like decoding."""
-    return list(replay(model, cache, ids, mask, prompt, step=1))
+    chunked = RKVConfig(budget=16, buffer=8, window=4, prefill_chunk=7)
+    # prompt chunks 7, 7, 7, then 7 compacts first (16 + 7 = 23 used), and 2 compacts again: 18 used, 6 free
+    assert fill_aligned_chunks(30, 40, chunked) == [6, 4]
 
 
 @pytest.mark.parametrize("policy", ["rkv", "snapkv", "streaming", "h2o", "random", "full"])
-def test_fill_aligned_replay_equals_step_by_step(policy):
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+def test_fill_aligned_replay_equals_real_decoding(policy, attention):
+    """Greedy generate decodes one token per forward and compacts on its own schedule; replaying its output in
+    fill-aligned chunks gives the same logits at every generated position."""
     model = patch_model(
-        tiny_model("qwen2", 6, 2, seed=2), budget=12, buffer=6, window=3, policy=policy, sinks=2, attention="sdpa"
+        tiny_model("qwen2", 6, 2, seed=2), budget=12, buffer=6, window=3, policy=policy, sinks=2, attention=attention
     )
-    ids, mask = padded_prompt(2, 70, [0, 5], seed=2)
-    prompt = 9
-    chunked = torch.cat([logits for _, logits in replay(model, make_cache(model), ids, mask, prompt)], dim=1)
-    stepwise = torch.cat([logits for _, logits in stepwise_logits(model, make_cache(model), ids, mask, prompt)], dim=1)
-    assert chunked.shape == stepwise.shape == (2, 70 - prompt + 1, 256)
-    torch.testing.assert_close(chunked, stepwise, rtol=1e-4, atol=1e-4)
-    assert torch.equal(chunked.argmax(-1), stepwise.argmax(-1))
+    ids, mask = padded_prompt(2, 9, [0, 5], seed=2)
+    new = 61
+    decoded = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=new,
+        min_new_tokens=new,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        cache=(cache := make_cache(model)),
+    )
+    assert cache.compactions >= 8 or policy == "full"
+    full_mask = torch.cat([mask, torch.ones(2, new, dtype=mask.dtype)], dim=1)
+    replayed = replay(model, make_cache(model), decoded.sequences[:, :-1], full_mask[:, :-1], 9)
+    chunked = torch.cat([logits for _, logits in replayed], dim=1)
+    torch.testing.assert_close(chunked, torch.stack(decoded.logits, dim=1), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("policy", ["rkv", "streaming", "full"])

@@ -8,15 +8,17 @@ from .cache import RKVCache
 from .config import RKVConfig
 from .decode import generate
 from .patch import is_patched, make_cache, patch_model, unpatch_model
-from .policies import H2O, RKV, Full, Random, SlotState, SnapKV, Streaming
+from .policies import H2O, RKV, Full, Policy, Random, ScoringFunction, SlotState, SnapKV, Streaming
 
 __all__ = [
     "H2O",
     "RKV",
     "Full",
+    "Policy",
     "RKVCache",
     "RKVConfig",
     "Random",
+    "ScoringFunction",
     "SlotState",
     "SnapKV",
     "Streaming",

@@ -1,9 +1,15 @@
-"""The attention function transformers calls for a patched model.
+"""The attention function transformers calls for a patched model, over the layer's slots.
 
-Decoding (one query per sequence) runs compiled FlexAttention over the layer's slots with the layer's BlockMask, built
-once per allocation, whose mask_mod reads the slot tensors: it stays valid as they change in place.
-Multi-token forwards (prefill, chunks) and the ``attention="sdpa"`` reference run SDPA with the same rule as a
-dense boolean mask. Either way the layer sees the queries first (padding, query window, staged compaction).
+Every path applies one rule (``masks.py``): a query sees the valid slots at or before its position.
+
+* Multi-token forwards (prefill, prompt chunks, teacher-forced replay) run compiled FlexAttention over the used
+  slots followed by the new tokens (staged by the layer), with a BlockMask built from the slot mask_mod; query and
+  key lengths are padded to a few buckets so a handful of kernels serve every chunk length.
+* A compiled decoding step (rkv_flex's loop, or transformers' compiled generate) runs flex decoding over the slots
+  inside the traced graph, one region shared by all layers.
+* An eager decoding step runs fused SDPA over the slots with the query group folded into the query length: the
+  mask is just the slots' validity, one op with no compiled-call overhead.
+* ``attention="sdpa"`` runs dense-mask SDPA everywhere: the exact reference the tests compare against.
 """
 
 from __future__ import annotations
@@ -14,32 +20,92 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import flex_attention
 
 from .cache import RKVLayer
-from .masks import decode_block_mask, dense_slot_mask
+from .compiled import compiled
+from .masks import BLOCK_SIZE, block_tables, dense_slot_mask, slot_block_mask, slot_mask_mod
 
 ATTENTION_NAME = "rkv_flex"
 
-# One compiled wrapper per process: dynamo caches on flex_attention's code object, and static shapes avoid a
-# torch 2.13 CPU code-generation bug with dynamic shapes and captured tensors.
-compiled_flex_attention = torch.compile(flex_attention, dynamic=False, fullgraph=True)
+# Keyword arguments transformers passes that do not change attention's result here.
+INERT_KWARGS = frozenset({"position_ids", "use_cache", "rkv_layer", "output_attentions", "cache_position"})
+# Handled: ``sliding_window`` (the layer's own window is used; the value must agree).
 
 
-@torch.compiler.nested_compile_region
-def flex_decode_region(
+def span_length(length: int) -> int:
+    """The padded length a multi-token forward of ``length`` tokens is computed at: powers of two from one block."""
+    return max(BLOCK_SIZE, 1 << (length - 1).bit_length())
+
+
+def flex_span(
     query: Tensor,
     key: Tensor,
     value: Tensor,
     valid: Tensor,
     pos: Tensor,
     query_pos: Tensor,
-    tables: tuple[Tensor, Tensor, Tensor, Tensor],
     scale: float,
     sliding_window: int | None,
 ) -> Tensor:
-    """Flex decoding over one layer's slots, as a region compiled once and reused by every layer of a traced step
-    (30 layers otherwise render and build 30 copies of the same flex kernel: minutes of compile on a CPU)."""
-    group = query.shape[1] // key.shape[1]
-    block_mask = decode_block_mask(tables, valid, pos, query_pos, group, sliding_window)
+    """Flex attention of many queries [B, Hq, L, D] over staged slots [B, Hkv, S, D]."""
+    batch, query_heads, length, _ = query.shape
+    group, slots = query_heads // key.shape[1], key.shape[2]
+    mask_mod = slot_mask_mod(valid, pos, query_pos, group, sliding_window)
+    block_mask = slot_block_mask(block_tables(batch, length, slots, query.device), mask_mod, length, slots)
     return flex_attention(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=group > 1)
+
+
+compiled_flex_span = compiled(flex_span)
+
+
+@torch.compiler.nested_compile_region
+def flex_step(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    valid: Tensor,
+    pos: Tensor,
+    query_pos: Tensor,
+    scale: float,
+    sliding_window: int | None,
+    fold_group: bool,
+) -> Tensor:
+    """Flex decoding of one query per row [B, Hq, 1, D] over the slots, inside a traced step (a region compiled once
+    and reused by every layer). ``fold_group`` reads each KV head once for its whole query group: the group becomes
+    the query length ([B, Hkv, G, D]), which keeps flex's decoding kernel for any group size."""
+    batch, query_heads, _, dim = query.shape
+    kv_heads, slots = key.shape[1], key.shape[2]
+    group = query_heads // kv_heads
+    if fold_group:
+        query = query.view(batch, kv_heads, group, dim)
+        query_pos = query_pos.expand(batch, group)
+        mask_mod = slot_mask_mod(valid, pos, query_pos, 1, sliding_window)
+        block_mask = slot_block_mask(block_tables(batch, group, slots, query.device), mask_mod, group, slots)
+        out = flex_attention(query, key, value, block_mask=block_mask, scale=scale)
+        return out.view(batch, query_heads, 1, -1)
+    mask_mod = slot_mask_mod(valid, pos, query_pos, group, sliding_window)
+    block_mask = slot_block_mask(block_tables(batch, 1, slots, query.device), mask_mod, 1, slots)
+    return flex_attention(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=group > 1)
+
+
+def sdpa_step(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    valid: Tensor,
+    pos: Tensor,
+    query_pos: Tensor,
+    scale: float,
+    sliding_window: int | None,
+) -> Tensor:
+    """One query per row over the slots with fused SDPA, the query group folded into the query length. Every valid
+    slot of a decoding step holds an earlier token, so validity (and the sliding window) is the whole rule."""
+    batch, query_heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    allowed = valid[:, :, None, :]
+    if sliding_window is not None:
+        allowed = allowed & (query_pos[:, None, :, None] - pos[:, :, None, :] < sliding_window)
+    folded = query.view(batch, kv_heads, query_heads // kv_heads, dim)
+    out = F.scaled_dot_product_attention(folded, key, value, attn_mask=allowed, scale=scale)
+    return out.view(batch, query_heads, 1, -1)
 
 
 def masked_sdpa(
@@ -49,18 +115,28 @@ def masked_sdpa(
     valid: Tensor,
     pos: Tensor,
     query_pos: Tensor,
-    scaling: float | None,
+    scale: float,
     sliding_window: int | None = None,
 ) -> Tensor:
-    """Exact reference: SDPA with the slot rule as a dense mask. Returns [B, Hq, L, D].
+    """Exact reference: SDPA with the slot rule as a dense mask [B, Hq, L, S]. Returns [B, Hq, L, Dv].
 
-    A query that may see nothing (padding in a chunk before its row's first token) attends to every slot instead,
-    so its (unused) output stays finite and no NaN reaches the cache.
+    A query that may see nothing (padding before its row's first token) attends to every slot instead, so its
+    (unused) output stays finite.
     """
     group = query.shape[1] // key.shape[1]
     allowed = dense_slot_mask(valid, pos, query_pos, sliding_window)
     allowed = (allowed | ~allowed.any(dim=-1, keepdim=True)).repeat_interleave(group, dim=1)
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling, enable_gqa=group > 1)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scale, enable_gqa=group > 1)
+
+
+def refuse_unknown(module: torch.nn.Module, kwargs: dict) -> None:
+    unknown = sorted(name for name in kwargs if name not in INERT_KWARGS and name != "sliding_window")
+    if unknown:
+        model_type = getattr(getattr(module, "config", None), "model_type", type(module).__name__)
+        raise NotImplementedError(
+            f"rkv_flex attention does not implement the argument(s) {unknown} that {model_type} passes to its "
+            "attention; they change the result, so it refuses rather than ignore them"
+        )
 
 
 def rkv_attention(
@@ -73,43 +149,50 @@ def rkv_attention(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[Tensor, None]:
-    """transformers attention interface: returns ([B, L, Hq, D], None).
+    """transformers attention interface: returns ([B, L, Hq, Dv], None).
 
     ``attention_mask`` is what :func:`padding_mask` produced: the new tokens' padding [B, L] bool, or None.
     """
+    refuse_unknown(module, kwargs)
+    if dropout:
+        raise NotImplementedError("rkv_flex attention is for inference: attention dropout must be 0 (model.eval())")
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     layer: RKVLayer | None = kwargs.get("rkv_layer")
-    sliding_window = kwargs.get("sliding_window")
-    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     if layer is None:
-        out = cache_free_attention(
-            query, key, value, attention_mask, kwargs.get("position_ids"), scaling, sliding_window
-        )
+        out = cache_free_attention(query, key, value, attention_mask, kwargs.get("position_ids"), scale, kwargs)
         return out.transpose(1, 2).contiguous(), None
-    query_pos = kwargs["position_ids"]
-    valid, pos = layer.observe(query, query_pos, attention_mask, scaling)
-    if query.shape[2] == 1 and layer.block_mask is not None:
-        if torch.compiler.is_compiling():
-            out = flex_decode_region(
-                query, key, value, valid, pos, layer.query_pos, layer.block_tables, scaling, layer.sliding_window
-            )
+    window = layer.sliding_window
+    positions = kwargs["position_ids"]
+    reference = layer.config.attention == "sdpa"
+    if layer.incoming is None:  # one new token per row, already in the slots
+        layer.observe_step(query, positions, scale)
+        slots = layer.view
+        if reference:
+            out = masked_sdpa(query, key, value, slots.valid, slots.pos, positions, scale, window)
+        elif torch.compiler.is_compiling():
+            out = flex_step(query, key, value, slots.valid, slots.pos, positions, scale, window, layer.fold_group)
         else:
-            group = query.shape[1] // key.shape[1]
-            out = compiled_flex_attention(
-                query, key, value, block_mask=layer.block_mask, scale=scaling, enable_gqa=group > 1
-            )
+            out = sdpa_step(query, key, value, slots.valid, slots.pos, positions, scale, window)
+        return out.transpose(1, 2).contiguous(), None
+    length = query.shape[2]
+    padded = span_length(length)
+    staged = layer.stage(query, attention_mask, scale, padded)
+    if reference:
+        staged_query, query_pos = query, positions
+        out = masked_sdpa(query, staged.keys, staged.values, staged.valid, staged.pos, positions, scale, window)
     else:
-        out = masked_sdpa(query, key, value, valid, pos, query_pos, scaling, layer.sliding_window)
+        extra = padded - length
+        staged_query = torch.cat([query, query.new_zeros(*query.shape[:2], extra, query.shape[-1])], dim=2)
+        query_pos = torch.cat([positions, positions.new_full((positions.shape[0], extra), -1)], dim=1)
+        out = compiled_flex_span(
+            staged_query, staged.keys, staged.values, staged.valid, staged.pos, query_pos, scale, window
+        )[:, :, :length]
+    layer.commit(staged)
     return out.transpose(1, 2).contiguous(), None
 
 
 def cache_free_attention(
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    padding: Tensor | None,
-    position_ids: Tensor | None,
-    scaling: float,
-    sliding_window: int | None,
+    query: Tensor, key: Tensor, value: Tensor, padding: Tensor | None, position_ids: Tensor | None, scale: float, kwargs
 ) -> Tensor:
     """A patched model run without an RKVCache: exact causal attention over this forward's own tokens."""
     batch, kv_heads, length = key.shape[:3]
@@ -125,7 +208,7 @@ def cache_free_attention(
     if padding is not None:
         valid &= padding[:, None, :]
     pos = position_ids[:, None, :].expand(batch, kv_heads, length)
-    return masked_sdpa(query, key, value, valid, pos, position_ids, scaling, sliding_window)
+    return masked_sdpa(query, key, value, valid, pos, position_ids, scale, kwargs.get("sliding_window"))
 
 
 def padding_mask(

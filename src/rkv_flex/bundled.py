@@ -6,6 +6,7 @@ located on disk with ``importlib`` (never imported) and read directly.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 from dataclasses import dataclass
@@ -90,7 +91,11 @@ def chat_prompt(tokenizer: Any, question: str) -> str:
 
 
 def chat_batch(tokenizer: Any, questions: list[str]) -> Any:
-    """The questions as one left-padded batch of chat prompts (``input_ids``, ``attention_mask``, as tensors)."""
+    """The questions as one left-padded batch of chat prompts (``input_ids``, ``attention_mask``, as tensors).
+
+    The tokenizer is left as it was (padding side and pad token are set on a copy).
+    """
+    tokenizer = copy.copy(tokenizer)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -31,8 +31,12 @@ class RKVConfig:
         lam: R-KV mixing weight, score = lam * importance - (1 - lam) * redundancy. 1.0 is pure importance.
         kernel: max-pool width applied to importance along token order (odd).
         threshold: cosine similarity above which two keys count as near-duplicates (R-KV redundancy).
-        policy: "rkv", "snapkv", "streaming", "h2o", "random", "full", or a Policy object / scoring callable.
-        compact_prompt: compact a prompt longer than ``budget`` right after prefill (its attention sees all of it).
+        policy: "rkv", "snapkv", "streaming", "h2o", "random", "full", a :class:`~rkv_flex.policies.Policy`, or a
+            scoring callable ``(SlotState) -> Tensor``.
+        compact_prompt: a prompt that does not fit the slots is compacted while it is read (chunk by chunk); False
+            refuses such a prompt instead (nothing of the prompt is ever evicted before decoding starts).
+        prefill_chunk: prompt tokens fed per forward by ``generate`` (both paths) and the engine; None feeds the
+            whole prompt at once. Peak memory is set by ``budget + buffer + prefill_chunk``, not the prompt.
         sinks: first tokens the "streaming" policy always keeps (attention sinks).
         attention: "flex" (compiled FlexAttention for decoding) or "sdpa" (exact dense-mask reference).
         seed: seed of the "random" policy's per-token priorities.
@@ -46,6 +50,7 @@ class RKVConfig:
     threshold: float = 0.5
     policy: Any = "rkv"
     compact_prompt: bool = True
+    prefill_chunk: int | None = 512
     sinks: int = 4
     attention: str = "flex"
     seed: int = 0
@@ -57,6 +62,8 @@ class RKVConfig:
         _require_int("kernel", self.kernel, 1)
         _require_int("sinks", self.sinks, 0)
         _require_int("seed", self.seed, 0)
+        if self.prefill_chunk is not None:
+            _require_int("prefill_chunk", self.prefill_chunk, 1)
         if self.budget < self.window:
             raise ValueError(
                 f"RKVConfig.budget ({self.budget}) must be >= RKVConfig.window ({self.window}): "
@@ -77,7 +84,8 @@ class RKVConfig:
                 raise ValueError(f"RKVConfig.policy {self.policy!r} is unknown; choose one of {POLICY_NAMES}")
         elif not callable(self.policy):
             raise TypeError(
-                f"RKVConfig.policy must be one of {POLICY_NAMES} or a callable scorer, got {type(self.policy).__name__}"
+                f"RKVConfig.policy must be one of {POLICY_NAMES}, a Policy or a callable scorer, "
+                f"got {type(self.policy).__name__}"
             )
         if self.policy == "streaming" and self.sinks > self.budget - self.window:
             raise ValueError(

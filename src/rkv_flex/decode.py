@@ -22,53 +22,11 @@ import torch
 from torch import Tensor
 
 from .cache import RKVCache, compact_layers
-from .patch import check_prompt, patch_record
-from .policies import is_builtin, make_policy
-from .replay import forward_span, positions_from_mask
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How the next token is chosen. Python constants: each distinct setting is its own (cached) graph."""
-
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-
-    def __post_init__(self) -> None:
-        if self.do_sample and not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0 (0: no top-k), got {self.top_k!r}")
-
-
-def filter_logits(logits: Tensor, sampling: Sampling) -> Tensor:
-    """Float logits [..., V] after temperature, top-k and top-p, filtered tokens at -inf: what a sample draws from."""
-    logits = logits.float() / sampling.temperature
-    if sampling.top_k:
-        kth = logits.topk(min(sampling.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if sampling.top_p < 1:
-        ordered, order = logits.sort(dim=-1, descending=True)
-        probs = ordered.softmax(dim=-1)
-        outside = probs.cumsum(dim=-1) - probs > sampling.top_p  # the top token is always inside
-        logits = logits.masked_fill(outside.scatter(-1, order, outside), float("-inf"))
-    return logits
-
-
-def choose_next(logits: Tensor, sampling: Sampling) -> Tensor:
-    """Next token ids [B] from last-position logits [B, V]: argmax, or a sample after temperature, top-k, top-p.
-
-    Sampling draws by the exponential race (argmax of p / E, E ~ Exp(1)), which samples exactly from p and compiles
-    to a fixed graph; its random stream differs from transformers' multinomial.
-    """
-    if not sampling.do_sample:
-        return logits.argmax(dim=-1)
-    probs = filter_logits(logits, sampling).softmax(dim=-1)
-    return (probs / torch.empty_like(probs).exponential_(1.0)).argmax(dim=-1)
+from .compiled import compiled
+from .forward import feed, positions_from_mask
+from .patch import check_prompt, make_cache, patch_record
+from .policies import make_policy
+from .sampling import Sampling, choose_next
 
 
 @dataclass
@@ -97,8 +55,8 @@ class CompiledGraphs:
 
     def __init__(self, device_type: str):
         mode = "reduce-overhead" if device_type == "cuda" else None
-        self.decode = torch.compile(decode_step, fullgraph=True, dynamic=False, mode=mode)
-        self.compact = torch.compile(compact_layers, fullgraph=True, dynamic=False, mode=mode)
+        self.decode = compiled(decode_step, mode)
+        self.compact = compiled(compact_layers, mode)
 
 
 _graphs: dict[str, CompiledGraphs] = {}
@@ -132,7 +90,7 @@ def session_for(model: Any, batch: int, device: torch.device, capacity: int) -> 
     config = patch_record(model).config
     key = (batch, model.dtype, device, capacity, config)
     if key not in per_model:
-        cache = RKVCache.for_model(model.config, config)
+        cache = make_cache(model)
         for layer in cache.layers:
             layer.capacity = capacity
         buffers = StepBuffers(
@@ -188,33 +146,27 @@ def generate(
     streamer: Any = None,
     compile: bool = True,
     stop_check_every: int = 16,
-    prefill_chunk: int | None = None,
 ) -> Tensor:
     """Decode with the patched model's slot cache; returns [B, prompt + new] token ids like ``model.generate``.
 
     Greedy output equals the patched model's eager ``generate`` for the same config. Rows that emit an
     end-of-sequence id are padded from then on; the loop ends early once every row is done (checked every
     ``stop_check_every`` steps, the only host sync besides streaming). ``compile=False`` runs the same loop eagerly.
-    ``prefill_chunk`` feeds a long prompt in chunks of that many tokens, so prefill memory stays bounded: each chunk
-    attends to the slots kept so far plus itself (an approximation of attending to the whole prompt).
+    The prompt is fed in ``prefill_chunk`` pieces (the patch's config).
     """
     record = patch_record(model)
     _check_inputs(model, input_ids, attention_mask, max_new_tokens)
-    if prefill_chunk is not None and (
-        isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1
-    ):
-        raise ValueError(f"prefill_chunk must be an int >= 1 or None, got {prefill_chunk!r}")
     sampling = Sampling(do_sample, temperature, top_p, top_k)
     batch, prompt = input_ids.shape
     device = input_ids.device
     capacity = record.config.capacity
-    if not getattr(make_policy(record.config), "evicts", True):  # a cache that never evicts holds everything
+    if not make_policy(record.config).evicts:  # a cache that never evicts holds everything
         capacity = max(capacity, -(-(prompt + max_new_tokens) // 128) * 128)
     session = session_for(model, batch, device, capacity)
     cache, buffers = session.cache, session.buffers
     graphs = graphs_for(device) if compile else None
     # A user scorer compacts eagerly: its output is checked, and it need not be traceable.
-    cache.compactor = graphs.compact if compile and is_builtin(cache.policy) else compact_layers
+    cache.compactor = graphs.compact if compile and cache.policy.traceable else compact_layers
     stop_ids = _stop_ids(eos_token_id, model)
     pad_id = pad_token_id if pad_token_id is not None else getattr(model.generation_config, "pad_token_id", None)
     pad_id = pad_id if pad_id is not None else (stop_ids[0] if stop_ids else 0)
@@ -224,10 +176,9 @@ def generate(
     positions = positions_from_mask(attention_mask)
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    chunk = prefill_chunk or prompt
-    for start in range(0, prompt, chunk):
-        logits = forward_span(model, cache, input_ids, attention_mask, positions, start, min(start + chunk, prompt), 1)
-    first = choose_next(logits[:, -1], sampling)
+    config = record.config
+    chunk = config.prefill_chunk if config.compact_prompt else None
+    first = choose_next(feed(model, cache, input_ids, attention_mask, 0, prompt, chunk), sampling)
     stops = torch.tensor(stop_ids or [-1], dtype=torch.long, device=device)
     buffers.stop_ids = stops
     buffers.pad_id.fill_(pad_id)

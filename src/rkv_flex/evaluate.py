@@ -83,6 +83,7 @@ def evaluate(
     from .decode import generate
 
     stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     correct, produced, answers = 0, 0, []
     for start in range(0, len(problems), batch):
         group = problems[start : start + batch]
@@ -94,17 +95,15 @@ def evaluate(
                 inputs.attention_mask,
                 max_new_tokens=max_new_tokens,
                 eos_token_id=stops,
-                pad_token_id=tokenizer.pad_token_id,
+                pad_token_id=pad_id,
             )
         else:
-            output = model.generate(
-                **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-            )
+            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
         for problem, row in zip(group, output[:, inputs.input_ids.shape[1] :], strict=True):
             text = tokenizer.decode(row, skip_special_tokens=True)
             predicted = extract_answer(text)
             right = is_correct(predicted, problem.answer)
             correct += right
-            produced += int((row != tokenizer.pad_token_id).sum())
+            produced += int((row != pad_id).sum())
             answers.append({"reference": problem.answer, "predicted": predicted, "correct": right})
     return correct, len(problems), produced, answers

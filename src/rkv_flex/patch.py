@@ -2,12 +2,15 @@
 
 Patching registers the ``rkv_flex`` attention (and its padding-mask function) with transformers, switches the
 model's attention implementation to it, and gives the model an instance-level ``generate`` that supplies an
-:class:`RKVCache`. Nothing of the model's class or weights changes; unpatching removes all of it.
+:class:`RKVCache` and feeds long prompts in chunks. Nothing of the model's class or weights changes; unpatching
+removes all of it, with every cache the model held.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+import weakref
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -15,19 +18,23 @@ from transformers import AttentionInterface, LogitsProcessor, LogitsProcessorLis
 from transformers.masking_utils import AttentionMaskInterface
 
 from .attention import ATTENTION_NAME, padding_mask, rkv_attention
-from .cache import RKVCache
+from .cache import LayerSpec, RKVCache
 from .config import RKVConfig
+from .forward import feed
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _PATCH_ATTR = "_rkv_flex_patch"
 
 
-@dataclass(frozen=True)
+@dataclass
 class PatchRecord:
-    """What patching changed, to undo it exactly."""
+    """What patching changed, to undo it exactly, and the caches ``generate`` reuses (one per batch, dtype and
+    device: stable addresses, so a compiled forward replays its graphs instead of re-recording them)."""
 
     config: RKVConfig
     previous_attention: str
+    caches: dict[tuple, RKVCache] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 def _register() -> None:
@@ -75,32 +82,54 @@ def patch_model(model: Any, config: RKVConfig | None = None, /, **options: Any) 
     previous = model.config._attn_implementation
     model.set_attn_implementation(ATTENTION_NAME)
     model.__dict__[_PATCH_ATTR] = PatchRecord(config, previous)
-    model.generate = _patched_generate.__get__(model)
+    model.__dict__["generate"] = PatchedGenerate(model)
     return model
 
 
 def unpatch_model(model: Any) -> Any:
-    """Undo :func:`patch_model`: stock attention implementation and ``generate`` again. Returns the same model."""
+    """Undo :func:`patch_model`: stock attention implementation and ``generate`` again, and every cache the model
+    held released. Returns the same model."""
     record = patch_record(model)
     model.set_attn_implementation(record.previous_attention)
     del model.__dict__["generate"]
     del model.__dict__[_PATCH_ATTR]
+    record.caches.clear()
     return model
 
 
+def layer_specs(model: Any) -> list[LayerSpec]:
+    """Per decoder layer, what the slot cache must know: query heads per KV head, sliding window."""
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    group = text.num_attention_heads // text.num_key_value_heads
+    window = getattr(text, "sliding_window", None)
+    types = getattr(text, "layer_types", None)
+    if window is None or types is None:
+        windows = [window] * text.num_hidden_layers
+    else:
+        windows = [window if kind == "sliding_attention" else None for kind in types]
+    return [LayerSpec(group, sliding) for sliding in windows]
+
+
 def make_cache(model: Any) -> RKVCache:
-    """A fresh slot cache for a patched model, for callers that run ``model(...)`` themselves."""
-    return RKVCache.for_model(model.config, patch_record(model).config)
+    """A fresh slot cache for a patched model, for callers that run ``model(...)`` themselves or keep a
+    conversation's cache across ``generate`` calls."""
+    return RKVCache(patch_record(model).config, layer_specs(model))
 
 
 def check_prompt(input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> None:
-    """Refuse prompts without tokens before any work starts."""
+    """Refuse prompts without tokens, or right-padded, before any work starts."""
     if input_ids is not None and input_ids.ndim == 2 and input_ids.shape[1] == 0:
         raise ValueError("the prompt has no tokens (input_ids has length 0)")
     if attention_mask is not None and attention_mask.ndim == 2:
         empty = (attention_mask.sum(dim=-1) == 0).nonzero().flatten().tolist()
         if empty:
             raise ValueError(f"prompt rows {empty} have no tokens (their attention_mask is all zeros)")
+        right = (attention_mask[:, 1:] < attention_mask[:, :-1]).any(dim=-1).nonzero().flatten().tolist()
+        if right:
+            raise ValueError(
+                f"prompt rows {right} are right-padded (a 0 in attention_mask after a 1); pad on the left "
+                "(tokenizer.padding_side = 'left')"
+            )
 
 
 class CompactionScheduler(LogitsProcessor):
@@ -118,31 +147,68 @@ class CompactionScheduler(LogitsProcessor):
         return scores
 
 
-def _patched_generate(model: Any, *args: Any, **kwargs: Any):
-    """``generate`` of a patched model: the stock one, with an RKVCache unless the caller passed one."""
-    record = patch_record(model)
-    for name in ("cache", "past_key_values"):
-        given = kwargs.get(name)
-        if given is not None and not isinstance(given, RKVCache):
-            raise TypeError(
-                f"a model patched by rkv_flex needs an RKVCache, got {type(given).__name__} as {name}=; "
-                "omit it (generate makes one) or pass rkv_flex.make_cache(model)"
+class PatchedGenerate:
+    """``generate`` of a patched model: the stock one, with an RKVCache unless the caller passed one, and a long
+    prompt fed in ``prefill_chunk`` pieces first. Holds the model weakly (no reference cycle)."""
+
+    def __init__(self, model: Any):
+        self.model = weakref.ref(model)
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        model = self.model()
+        record = patch_record(model)
+        for name in ("cache", "past_key_values"):
+            given = kwargs.get(name)
+            if given is not None and not isinstance(given, RKVCache):
+                raise TypeError(
+                    f"a model patched by rkv_flex needs an RKVCache, got {type(given).__name__} as {name}=; "
+                    "omit it (generate makes one) or pass rkv_flex.make_cache(model)"
+                )
+        generation_config = kwargs.get("generation_config") or model.generation_config
+        implementation = kwargs.get("cache_implementation") or generation_config.cache_implementation
+        if implementation is not None:
+            raise ValueError(
+                f"cache_implementation={implementation!r} conflicts with rkv_flex, which supplies its own cache"
             )
-    generation_config = kwargs.get("generation_config") or model.generation_config
-    implementation = kwargs.get("cache_implementation") or generation_config.cache_implementation
-    if implementation is not None:
-        raise ValueError(
-            f"cache_implementation={implementation!r} conflicts with rkv_flex, which supplies its own cache"
+        input_ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+        attention_mask = kwargs.get("attention_mask")
+        check_prompt(input_ids, attention_mask)
+        cache = kwargs.get("cache") or kwargs.get("past_key_values")
+        if cache is not None:
+            return self._generate(model, record.config, cache, input_ids, attention_mask, args, kwargs)
+        with record.lock:  # the pooled cache serves one call at a time
+            cache = self._pooled_cache(model, record, input_ids)
+            kwargs["cache"] = cache
+            return self._generate(model, record.config, cache, input_ids, attention_mask, args, kwargs)
+
+    @staticmethod
+    def _pooled_cache(model: Any, record: PatchRecord, input_ids: torch.Tensor | None) -> RKVCache:
+        batch = 1 if input_ids is None else input_ids.shape[0]
+        key = (batch, model.dtype, model.device)
+        if key not in record.caches:
+            record.caches[key] = make_cache(model)
+        cache = record.caches[key]
+        cache.reset()
+        return cache
+
+    @staticmethod
+    def _generate(model, config, cache, input_ids, attention_mask, args, kwargs):
+        if isinstance(input_ids, torch.Tensor) and input_ids.ndim == 2:
+            cache.require_batch(input_ids.shape[0])
+            seen = cache.get_seq_length()
+            if seen > input_ids.shape[1]:
+                raise ValueError(
+                    f"the cache has seen {seen} tokens but input_ids holds {input_ids.shape[1]}: pass the whole "
+                    "conversation so far (transformers' convention for continuing from a cache)"
+                )
+            new, chunk = input_ids.shape[1] - seen, config.prefill_chunk
+            if chunk is not None and config.compact_prompt and new > chunk:
+                mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+                feed(model, cache, input_ids, mask, seen, seen + (new - 1) // chunk * chunk, chunk)
+        kwargs["logits_processor"] = LogitsProcessorList(
+            [*(kwargs.get("logits_processor") or []), CompactionScheduler(cache)]
         )
-    input_ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
-    check_prompt(input_ids, kwargs.get("attention_mask"))
-    if kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
-        kwargs["cache"] = RKVCache.for_model(model.config, record.config)
-    cache = kwargs.get("cache") or kwargs.get("past_key_values")
-    kwargs["logits_processor"] = LogitsProcessorList(
-        [*(kwargs.get("logits_processor") or []), CompactionScheduler(cache)]
-    )
-    try:
-        return type(model).generate(model, *args, **kwargs)
-    finally:
-        cache.cancel_plan()
+        try:
+            return type(model).generate(model, *args, **kwargs)
+        finally:
+            cache.cancel_plan()

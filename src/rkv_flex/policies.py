@@ -1,14 +1,18 @@
-"""Eviction policies: one small scoring class each, all over the same slot state.
+"""Eviction policies: one small scoring class each, all over the same slot state (in the manner of kvpress presses).
 
-A policy maps a :class:`SlotState` to a score per slot, [B, Hkv, S]; higher is kept. The cache always keeps the
-``window`` newest slots and never keeps an invalid one, whatever the score says, so a policy only ranks the rest.
-Any callable ``(SlotState) -> Tensor`` works as a policy (see ``examples/custom_policy.py``).
+A :class:`Policy` maps a :class:`SlotState` to a score per slot, [B, Hkv, S]; higher is kept. The cache always keeps
+the ``window`` newest slots and never keeps an invalid one, whatever the score says, so a policy only ranks the
+rest. Two class attributes tell the cache what a policy needs: ``evicts`` (False: the cache grows instead) and
+``tracks_attention`` (the cache accumulates the attention every slot receives, for H2O). ``traceable`` says
+whether the policy may run inside the compiled compaction graph. Any plain callable ``(SlotState) -> Tensor`` is
+wrapped as a :class:`ScoringFunction`, whose output is checked at every compaction.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -24,13 +28,14 @@ class SlotState:
     """What a policy may look at for one layer: the slots and the last observation queries."""
 
     keys: Tensor  # [B, Hkv, S, D], post-RoPE
-    values: Tensor  # [B, Hkv, S, D]
+    values: Tensor  # [B, Hkv, S, Dv]
     valid: Tensor  # [B, Hkv, S] bool: the slot holds a real token
     pos: Tensor  # [B, Hkv, S] int64: absolute position of the slot's token
-    window: Tensor  # [S] bool: the newest slots, always kept
+    window: Tensor  # [B, 1, S] bool: the newest slots of each row, always kept
     queries: Tensor  # [B, Hq, W, D] post-RoPE queries of the last W tokens
     query_valid: Tensor  # [B, W] bool
-    attention_sum: Tensor | None = None  # [B, Hkv, S] fp32 attention each slot received so far (policies that track it)
+    attention_sum: Tensor | None = None  # [B, Hkv, S] fp32 attention each slot received (policies that track it)
+    scaling: float = 1.0  # the attention's query scaling (the model's, e.g. head_dim ** -0.5)
 
     @property
     def candidates(self) -> Tensor:
@@ -38,42 +43,49 @@ class SlotState:
         return self.valid & ~self.window
 
 
+class Policy:
+    """Base of every eviction policy: ``policy(state) -> scores [B, Hkv, S]``, higher kept."""
+
+    evicts: ClassVar[bool] = True
+    tracks_attention: ClassVar[bool] = False
+    traceable: ClassVar[bool] = True
+
+    def __call__(self, state: SlotState) -> Tensor:
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
-class RKV:
+class RKV(Policy):
     """R-KV: ``lam * importance - (1 - lam) * redundancy``."""
 
     lam: float = 0.1
     kernel: int = 7
     threshold: float = 0.5
-    tracks_attention = False
-    evicts = True
 
     def __call__(self, state: SlotState) -> Tensor:
-        attention = importance(state.queries, state.query_valid, state.keys, state.candidates, self.kernel)
+        attention = importance(
+            state.queries, state.query_valid, state.keys, state.candidates, self.kernel, state.scaling
+        )
         if self.lam == 1.0:
             return attention
         return self.lam * attention - (1.0 - self.lam) * redundancy(state.keys, state.valid, self.threshold)
 
 
 @dataclass(frozen=True)
-class SnapKV:
-    """SnapKV applied at every compaction: pooled attention of the observation window (R-KV with lam = 1)."""
+class SnapKV(Policy):
+    """SnapKV applied at every compaction: pooled attention of the observation window."""
 
     kernel: int = 7
-    tracks_attention = False
-    evicts = True
 
     def __call__(self, state: SlotState) -> Tensor:
-        return importance(state.queries, state.query_valid, state.keys, state.candidates, self.kernel)
+        return importance(state.queries, state.query_valid, state.keys, state.candidates, self.kernel, state.scaling)
 
 
 @dataclass(frozen=True)
-class Streaming:
+class Streaming(Policy):
     """StreamingLLM: the first ``sinks`` tokens (attention sinks) and the most recent ones."""
 
     sinks: int = 4
-    tracks_attention = False
-    evicts = True
 
     def __call__(self, state: SlotState) -> Tensor:
         recency = state.pos.float()
@@ -82,11 +94,10 @@ class Streaming:
 
 
 @dataclass(frozen=True)
-class H2O:
+class H2O(Policy):
     """H2O: heavy hitters by attention accumulated over every query since the token entered the cache."""
 
-    tracks_attention = True
-    evicts = True
+    tracks_attention: ClassVar[bool] = True
 
     def __call__(self, state: SlotState) -> Tensor:
         if state.attention_sum is None:
@@ -95,12 +106,10 @@ class H2O:
 
 
 @dataclass(frozen=True)
-class Random:
+class Random(Policy):
     """Control: a fixed pseudo-random priority per (sequence, head, position), the same at every compaction."""
 
     seed: int = 0
-    tracks_attention = False
-    evicts = True
 
     def __call__(self, state: SlotState) -> Tensor:
         batch, heads, _ = state.pos.shape
@@ -110,24 +119,54 @@ class Random:
 
 
 @dataclass(frozen=True)
-class Full:
+class Full(Policy):
     """No eviction: the cache grows instead, on the same code path (for comparisons)."""
 
-    tracks_attention = False
-    evicts = False
+    evicts: ClassVar[bool] = False
 
     def __call__(self, state: SlotState) -> Tensor:
         raise RuntimeError("the 'full' policy never compacts; it has no scores")
 
 
-def is_builtin(policy: object) -> bool:
-    return isinstance(policy, (RKV, SnapKV, Streaming, H2O, Random, Full))
+def check_scores(scores: Any, valid: Tensor) -> None:
+    """A clear error for a policy that returns something the selection cannot use."""
+    if not isinstance(scores, Tensor):
+        raise TypeError(f"a policy must return a torch.Tensor of scores, got {type(scores).__name__}")
+    if scores.shape != valid.shape:
+        raise ValueError(
+            f"a policy must return scores of shape [batch, kv_heads, slots] = {tuple(valid.shape)}, "
+            f"got {tuple(scores.shape)}"
+        )
+    if not scores.is_floating_point():
+        raise TypeError(f"a policy must return floating-point scores, got {scores.dtype}")
+    if not torch.isfinite(scores[valid]).all():
+        raise ValueError("a policy returned NaN or infinite scores on valid slots")
 
 
-def make_policy(config: RKVConfig):
-    """The policy object for ``config.policy`` (a name, or a user callable returned as is)."""
-    if callable(config.policy):
-        return config.policy
+class ScoringFunction(Policy):
+    """A user's scoring callable as a policy: scored eagerly, its output checked at every compaction."""
+
+    traceable: ClassVar[bool] = False
+
+    def __init__(self, function: Callable[[SlotState], Tensor]):
+        self.function = function
+
+    def __call__(self, state: SlotState) -> Tensor:
+        scores = self.function(state)
+        check_scores(scores, state.valid)
+        return scores
+
+    def __repr__(self) -> str:
+        return f"ScoringFunction({self.function!r})"
+
+
+def make_policy(config: RKVConfig) -> Policy:
+    """The policy for ``config.policy``: a name, a Policy instance (used as is), or a scoring callable."""
+    policy = config.policy
+    if isinstance(policy, Policy):
+        return policy
+    if callable(policy):
+        return ScoringFunction(policy)
     return {
         "rkv": lambda: RKV(config.lam, config.kernel, config.threshold),
         "snapkv": lambda: SnapKV(config.kernel),
@@ -135,4 +174,4 @@ def make_policy(config: RKVConfig):
         "h2o": H2O,
         "random": lambda: Random(config.seed),
         "full": Full,
-    }[config.policy]()
+    }[policy]()

@@ -16,58 +16,38 @@ from torch import Tensor
 
 from .cache import RKVCache
 from .config import RKVConfig
+from .forward import forward_span, positions_from_mask
+from .planner import Planner
 
 
-def fill_aligned_chunks(prompt: int, total: int, config: RKVConfig, evicts: bool = True, step: int | None = None):
+def prompt_chunks(prompt: int, config: RKVConfig) -> list[int]:
+    """The forwards a prompt is fed in by ``generate`` (``prefill_chunk`` pieces when prompts may be compacted)."""
+    chunk = config.prefill_chunk if config.compact_prompt and config.prefill_chunk else prompt
+    return [min(chunk, prompt - start) for start in range(0, prompt, chunk)]
+
+
+def fill_aligned_chunks(
+    prompt: int, total: int, config: RKVConfig, evicts: bool = True, step: int | None = None
+) -> list[int]:
     """Lengths of the chunks after the prompt, up to ``total`` tokens, each ending at or before a fill point.
 
     ``step`` caps every chunk (e.g. for finer snapshots); chunks never exceed the free slots.
     """
-    if not evicts:
-        return _split(total - prompt, step or max(1, total - prompt))
-    used = config.budget if config.compact_prompt and prompt > config.budget else prompt
-    if used > config.capacity:
-        raise ValueError(f"a prompt of {prompt} tokens does not fit {config.capacity} slots without compaction")
+    planner = Planner(config, 1, config.capacity, evicts)
+    for size in prompt_chunks(prompt, config):
+        planner.plan(size)
+        planner.ran()
     chunks, remaining = [], total - prompt
     while remaining > 0:
-        free = config.capacity - used
+        free = planner.capacity - planner.used[0] if evicts else remaining
         if free == 0:  # the next token compacts first
-            used, free = config.budget, config.buffer
+            free = planner.capacity - config.budget
         size = min(free, remaining, step or free)
+        planner.plan(size)
+        planner.ran()
         chunks.append(size)
-        used += size
         remaining -= size
     return chunks
-
-
-def _split(length: int, step: int) -> list[int]:
-    return [min(step, length - start) for start in range(0, length, step)]
-
-
-def positions_from_mask(attention_mask: Tensor) -> Tensor:
-    """Absolute positions [B, T] as transformers derives them: real tokens count from 0, padding sits at 0."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def forward_span(
-    model: Any,
-    cache: RKVCache,
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    positions: Tensor,
-    start: int,
-    end: int,
-    logits_to_keep: int = 0,
-) -> Tensor:
-    """One forward of columns ``start:end`` through ``model`` with ``cache``; returns its logits."""
-    return model(
-        input_ids=input_ids[:, start:end],
-        attention_mask=attention_mask[:, :end],
-        position_ids=positions[:, start:end],
-        cache=cache,
-        use_cache=True,
-        logits_to_keep=logits_to_keep,
-    ).logits
 
 
 @torch.no_grad()
@@ -80,9 +60,10 @@ def replay(
     step: int | None = None,
     after_chunk: Callable[[RKVCache, int], None] | None = None,
 ) -> Iterator[tuple[int, Tensor]]:
-    """Feed ``input_ids`` [B, T] through ``model`` with ``cache``: the prompt (the first ``prompt`` columns) in one
-    forward, the rest in fill-aligned chunks. Yields ``(start, logits)`` per chunk: ``logits`` [B, L, V] predict the
-    tokens at ``start + 1 .. start + L`` (the first chunk is the prompt's last position only).
+    """Feed ``input_ids`` [B, T] through ``model`` with ``cache``: the prompt (the first ``prompt`` columns) as
+    ``generate`` feeds it, the rest in fill-aligned chunks. Yields ``(start, logits)`` per forward after the
+    prompt's last chunk: ``logits`` [B, L, V] predict the tokens at ``start + 1 .. start + L`` (the prompt's are its
+    last position only).
 
     ``after_chunk(cache, fed)`` runs after every forward (e.g. to snapshot what the slots hold).
     """
@@ -90,12 +71,17 @@ def replay(
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     positions = positions_from_mask(attention_mask)
-    evicts = getattr(cache.policy, "evicts", True)
-    bounds = [0, prompt]
-    for size in fill_aligned_chunks(prompt, total, cache.config, evicts, step):
+    config = cache.config
+    bounds = list(itertools.accumulate(prompt_chunks(prompt, config), initial=0))
+    last_prompt_chunk = len(bounds) - 2
+    for size in fill_aligned_chunks(prompt, total, config, cache.evicts, step):
         bounds.append(bounds[-1] + size)
     for index, (start, end) in enumerate(itertools.pairwise(bounds)):
-        logits = forward_span(model, cache, input_ids, attention_mask, positions, start, end, 1 if index == 0 else 0)
+        in_prompt = index <= last_prompt_chunk
+        logits = forward_span(model, cache, input_ids, attention_mask, positions, start, end, 1 if in_prompt else 0)
         if after_chunk is not None:
             after_chunk(cache, end)
-        yield (end - 1 if index == 0 else start), logits
+        if index == last_prompt_chunk:
+            yield end - 1, logits
+        elif not in_prompt:
+            yield start, logits

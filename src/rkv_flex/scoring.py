@@ -1,31 +1,33 @@
-"""The scoring formulas of R-KV and its baselines, as pure tensor functions.
+"""The scoring formulas of R-KV and its baselines, as pure tensor functions (docs/method.md states them).
 
 Shapes: B sequences, Hq query heads, Hkv KV heads (query head ``h`` belongs to KV head ``h // (Hq // Hkv)``), S
-slots, W observation queries, D head size. Slots hold tokens in position order; ``valid`` marks slots that hold
-a real token (not padding, not free). Every score is computed in fp32 and is meaningless on invalid slots: the
-selection masks them out.
+slots, W observation queries, D head size. ``valid`` marks slots that hold a real token (not padding, not free);
+``window`` [B, 1, S] the newest slots, always kept. Scores are fp32 and meaningless on invalid slots: the selection
+masks them out. No function builds an S x S (or queries x S x group) temporary larger than ``block`` rows of it.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
+from .masks import dense_slot_mask
 
-def window_attention(queries: Tensor, query_valid: Tensor, keys: Tensor, candidates: Tensor) -> Tensor:
+BLOCK = 256  # rows of a similarity or attention matrix computed at once
+
+
+def window_attention(queries: Tensor, query_valid: Tensor, keys: Tensor, candidates: Tensor, scaling: float) -> Tensor:
     """Mean attention [B, Hkv, S] the observation queries pay to each candidate slot (R-KV / SnapKV importance,
     before pooling).
 
-    Logits ``q . k / sqrt(D)`` are reduced over each KV head's query group by max (before the softmax), softmaxed
+    Logits ``scaling * q . k`` are reduced over each KV head's query group by max (before the softmax), softmaxed
     over the candidate slots only, in fp32, and averaged over the valid observation queries.
     """
     group = queries.shape[1] // keys.shape[1]
     q = rearrange(queries.float(), "b (h g) w d -> b h (g w) d", g=group)
-    logits = torch.matmul(q, keys.float().transpose(-1, -2)) / math.sqrt(keys.shape[-1])
+    logits = torch.matmul(q, keys.float().transpose(-1, -2)) * scaling
     logits = rearrange(logits, "b h (g w) s -> b h g w s", g=group).amax(dim=2)
     logits = logits.masked_fill(~candidates[:, :, None, :], float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a row with no candidate is all -inf
@@ -33,33 +35,70 @@ def window_attention(queries: Tensor, query_valid: Tensor, keys: Tensor, candida
     return (probs * weight).sum(dim=2) / weight.sum(dim=2).clamp(min=1.0)
 
 
-def importance(queries: Tensor, query_valid: Tensor, keys: Tensor, candidates: Tensor, kernel: int) -> Tensor:
+def importance(
+    queries: Tensor, query_valid: Tensor, keys: Tensor, candidates: Tensor, kernel: int, scaling: float
+) -> Tensor:
     """R-KV importance I [B, Hkv, S]: window attention max-pooled (width ``kernel``) along slot order."""
-    attention = window_attention(queries, query_valid, keys, candidates)
+    attention = window_attention(queries, query_valid, keys, candidates, scaling)
     batch, heads, slots = attention.shape
     pooled = F.max_pool1d(attention.reshape(batch * heads, 1, slots), kernel, stride=1, padding=kernel // 2)
     return pooled.reshape(batch, heads, slots)
 
 
-def redundancy(keys: Tensor, valid: Tensor, threshold: float) -> Tensor:
+def redundancy(keys: Tensor, valid: Tensor, threshold: float, block: int = BLOCK) -> Tensor:
     """R-KV redundancy R [B, Hkv, S]: how much each key resembles the other valid keys.
 
     Cosine similarity of every pair of valid keys (diagonal zeroed); in each row the newest slot whose similarity
     exceeds ``threshold`` is exempted (zeroed), so the newest copy of a repeated key looks least redundant; the
-    column mean over valid rows is softmaxed over valid slots.
+    column mean over valid rows is softmaxed over valid slots. Rows are processed ``block`` at a time; the
+    similarity matmul runs in the keys' dtype when it is 16-bit (as the reference does), sums in fp32.
     """
+    slots = keys.shape[2]
     k = keys.float()
     unit = k / (k.norm(dim=-1, keepdim=True) + 1e-8)
-    sim = torch.matmul(unit, unit.transpose(-1, -2))
-    slots = keys.shape[2]
-    not_self = ~torch.eye(slots, dtype=torch.bool, device=keys.device)
-    pair_valid = valid[..., :, None] & valid[..., None, :] & not_self
-    sim = sim.masked_fill(~pair_valid, 0.0)
-    slot = torch.arange(slots, device=keys.device)
-    newest_similar = torch.where((sim > threshold) & pair_valid, slot, -1).amax(dim=-1)
-    sim = sim.masked_fill(slot == newest_similar[..., None], 0.0)
-    column_mean = sim.sum(dim=-2) / valid.sum(dim=-1, keepdim=True).clamp(min=1)
+    if keys.dtype in (torch.bfloat16, torch.float16):
+        unit = unit.to(keys.dtype)
+    slot = torch.arange(slots, device=keys.device, dtype=torch.int32)
+    column_sum = torch.zeros(valid.shape, dtype=torch.float32, device=keys.device)
+    for start in range(0, slots, block):
+        rows = slice(start, min(start + block, slots))
+        sim = torch.matmul(unit[:, :, rows], unit.transpose(-1, -2)).float()  # [B, Hkv, rows, S]
+        pair_valid = valid[:, :, rows, None] & valid[:, :, None, :] & (slot[rows, None] != slot)
+        sim = sim.masked_fill(~pair_valid, 0.0)
+        newest_similar = torch.where((sim > threshold) & pair_valid, slot, -1).amax(dim=-1)
+        sim = sim.masked_fill(slot == newest_similar[..., None], 0.0)
+        column_sum += sim.sum(dim=-2)
+    column_mean = column_sum / valid.sum(dim=-1, keepdim=True).clamp(min=1)
     return torch.softmax(column_mean.masked_fill(~valid, float("-inf")), dim=-1).nan_to_num(0.0)
+
+
+def received_attention(
+    query: Tensor,
+    keys: Tensor,
+    valid: Tensor,
+    pos: Tensor,
+    query_pos: Tensor,
+    query_valid: Tensor | None,
+    scaling: float,
+    sliding_window: int | None = None,
+    block: int = BLOCK,
+) -> Tensor:
+    """Attention each slot receives [B, Hkv, S] from the queries [B, Hq, L, D] (H2O's accumulation), summed over
+    the valid queries and the query group, under the slot rule; ``block`` queries at a time."""
+    kv_heads = keys.shape[1]
+    group, length = query.shape[1] // kv_heads, query.shape[2]
+    received = torch.zeros(valid.shape, dtype=torch.float32, device=keys.device)
+    for start in range(0, length, block):
+        rows = slice(start, min(start + block, length))
+        q = rearrange(query[:, :, rows].float(), "b (h g) l d -> b h (g l) d", g=group)
+        logits = torch.matmul(q, keys.float().transpose(-1, -2)) * scaling
+        logits = rearrange(logits, "b h (g l) s -> b h g l s", g=group)
+        allowed = dense_slot_mask(valid, pos, query_pos[:, rows], sliding_window)
+        probs = torch.softmax(logits.masked_fill(~allowed[:, :, None], float("-inf")), dim=-1).nan_to_num(0.0)
+        if query_valid is not None:
+            probs = probs * query_valid[:, None, None, rows, None]
+        received += probs.sum(dim=(2, 3))
+    return received
 
 
 def select_keep(scores: Tensor, valid: Tensor, window: Tensor, keep: int) -> Tensor:

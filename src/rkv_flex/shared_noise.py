@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from transformers import LogitsProcessor
 
-from .decode import Sampling, filter_logits
+from .sampling import Sampling, filter_logits
 
 
 class SharedNoiseSampler(LogitsProcessor):
@@ -24,7 +24,7 @@ class SharedNoiseSampler(LogitsProcessor):
 
     As a logits processor for greedy ``model.generate(..., do_sample=False)`` it turns the argmax into that sample;
     :meth:`choose` draws the same way for teacher-forced logits. ``suppress`` tokens (e.g. EOS) are never drawn.
-    Filtering is the compiled loop's (:func:`rkv_flex.decode.filter_logits`).
+    Filtering is the compiled loop's (:func:`rkv_flex.sampling.filter_logits`).
     """
 
     def __init__(
