@@ -60,13 +60,15 @@ class Shape:
     head_dim: int
     weight_bytes: int
     element_bytes: int
+    vocab: int
 
     @classmethod
     def of(cls, model: Any) -> Shape:
         text = model.config.get_text_config()
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        return cls(text.num_hidden_layers, text.num_key_value_heads, head_dim, weights, model.dtype.itemsize)
+        vocab = model.get_output_embeddings().weight.shape[0]
+        return cls(text.num_hidden_layers, text.num_key_value_heads, head_dim, weights, model.dtype.itemsize, vocab)
 
     @property
     def kv_bytes_per_token(self) -> int:

@@ -35,8 +35,8 @@ from common import RESULTS, environment, write_json
 from rkv_flex import RKVConfig, patch_model
 from rkv_flex.bundled import chat_batch, load_model, load_problems
 from rkv_flex.cache import RKVCache
-from rkv_flex.patch import layer_specs
 from rkv_flex.forward import positions_from_mask
+from rkv_flex.patch import layer_specs
 from rkv_flex.replay import replay
 from rkv_flex.shared_noise import SharedNoiseSampler, first_miss
 

@@ -70,11 +70,17 @@ def test_half_precision_rkv_keeps_what_fp32_keeps_and_scores_stay_finite(traject
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_compiled_half_precision_chooses_what_the_eager_model_chooses(trajectory, dtype):
-    """The compiled loop's tokens, replayed teacher-forced through the eager path: the eager model picks the same
-    token at (nearly) every position, so the compiled graphs compute what the eager path computes."""
-    ids, mask, _ = trajectory
-    model = patched(dtype)
+def test_compiled_half_precision_chooses_what_the_eager_model_chooses(dtype):
+    """The compiled loop's tokens, replayed teacher-forced through the eager path: wherever the eager model's choice
+    is clear (top-2 logit margin above 0.02), it is the compiled loop's choice. StreamingLLM keeps slots by
+    position, so the contexts are identical and only the arithmetic differs (R-KV's kept sets depend on bf16 ties:
+    measured above)."""
+    ids, mask = padded_prompt(2, 11, [0, 0], seed=13)  # rkv_flex.generate gives padding no slots: none here
+    model = patched(dtype, "streaming")
     out = generate(model, ids, mask, max_new_tokens=NEW)
-    logits, _ = teacher_forced(model, ids, mask, out)
-    assert (logits.argmax(-1) == out[:, ids.shape[1] :]).float().mean() > 0.95
+    logits, cache = teacher_forced(model, ids, mask, out)
+    assert cache.compactions >= 5
+    top2 = logits.float().topk(2, dim=-1).values
+    clear = top2[..., 0] - top2[..., 1] > 0.02
+    assert clear.float().mean() > 0.8
+    assert torch.equal(logits.argmax(-1)[clear], out[:, ids.shape[1] :][clear])

@@ -6,13 +6,15 @@ patch_model(model, budget=1024)     # every later model.generate(...) keeps <= b
 
 from .cache import RKVCache
 from .config import RKVConfig
-from .decode import generate
+from .engine import Completion, Engine, generate
 from .patch import is_patched, make_cache, patch_model, unpatch_model
 from .policies import H2O, RKV, Full, Policy, Random, ScoringFunction, SlotState, SnapKV, Streaming
 
 __all__ = [
     "H2O",
     "RKV",
+    "Completion",
+    "Engine",
     "Full",
     "Policy",
     "RKVCache",

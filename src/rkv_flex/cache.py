@@ -9,6 +9,8 @@ traced layers advance the device counters themselves.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,7 +74,8 @@ class RKVLayer(CacheLayerMixin):
 
     # -- allocation ---------------------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
-        batch, kv_heads, _, key_dim = key_states.shape
+        _, kv_heads, _, key_dim = key_states.shape
+        batch = self.shared.counters.used.shape[0]  # every row, also when the first forward feeds one
         self.slots = LayerSlots.allocate(
             batch,
             kv_heads,  # the heads this process holds (tensor parallelism shards them)
@@ -289,6 +292,7 @@ class RKVCache(Cache):
         )
         self.planner: Planner | None = None
         self.compactor = compact_layers
+        self._feeding: tuple[int, ...] | None = None  # the one row the current forwards feed (None: all)
 
     @property
     def evicts(self) -> bool:
@@ -313,9 +317,8 @@ class RKVCache(Cache):
             return
         batch, _, length, _ = key_states.shape
         if self.planner is None:
-            self.planner = Planner(self.config, batch, self.capacity, self.evicts)
-            self.shared.counters = RowCounters.allocate(batch, self.config.window, key_states.device)
-        plan = self.planner.pending if self.planner.pending is not None else self._plan(length)
+            self.prepare(batch, key_states.device)
+        plan = self.planner.pending if self.planner.pending is not None else self._plan(length, self._feeding)
         self.planner.pending = None
         if plan.length != length:
             raise RuntimeError(f"a forward of {plan.length} tokens was planned but {length} arrived")
@@ -339,17 +342,47 @@ class RKVCache(Cache):
                 rings = [seen % self.config.window for seen in plan.seen_before]
                 counters.query_valid.scatter_(1, torch.tensor(rings, device=counters.seen.device)[:, None], True)
 
+    def prepare(self, batch: int, device: torch.device) -> None:
+        """Size the cache for ``batch`` rows (done by the first forward when nobody did it before)."""
+        if self.planner is not None:
+            raise RuntimeError("the cache is already prepared")
+        self.planner = Planner(self.config, batch, self.capacity, self.evicts)
+        self.shared.counters = RowCounters.allocate(batch, self.config.window, device)
+
+    @contextlib.contextmanager
+    def feeding(self, row: int) -> Iterator[None]:
+        """Forwards inside feed only row ``row`` (their input has batch 1): continuous batching refills a row
+        while the others keep their state."""
+        self._feeding, self.shared.rows = (row,), slice(row, row + 1)
+        try:
+            yield
+        finally:
+            self._feeding, self.shared.rows = None, slice(None)
+
+    def reset_rows(self, rows: list[int]) -> None:
+        """Rows start empty (new prompts); the others keep their state."""
+        self.planner.reset(rows)
+        counters = self.shared.counters
+        for row in rows:
+            for tensor in (counters.used, counters.seen, counters.query_valid):
+                tensor[row] = 0
+            for layer in self.layers:
+                if layer.slots is not None:
+                    layer.slots.reset(slice(row, row + 1))
+
     def _plan(self, length: int, rows: tuple[int, ...] | None = None) -> Plan:
-        """Plan a forward and carry out what must happen before it: growth, compaction."""
+        """Plan a forward and carry out what must happen before it: growth, compaction (every row at once when
+        all are due, else one row at a time: one graph shape either way)."""
         plan = self.planner.plan(length, rows)
         if plan.grow_to is not None:
             for layer in self.layers:
                 layer.grow(plan.grow_to)
-        if plan.compact:
-            all_rows = len(plan.compact) == self.planner.batch
-            device = self.shared.counters.used.device
-            rows_tensor = None if all_rows else torch.tensor(plan.compact, device=device)
-            self.compactor(self.layers, self.shared.counters, self.config.budget, rows_tensor)
+        if len(plan.compact) == self.planner.batch:
+            self.compactor(self.layers, self.shared.counters, self.config.budget, None)
+        else:
+            device, counters = self.shared.counters.used.device, self.shared.counters
+            for row in plan.compact:
+                self.compactor(self.layers, counters, self.config.budget, torch.tensor([row], device=device))
         return plan
 
     def begin_step(self, length: int = 1, rows: tuple[int, ...] | None = None) -> Plan:
@@ -360,6 +393,10 @@ class RKVCache(Cache):
         plan = self._plan(length, rows)
         self.shared.plan = plan
         return plan
+
+    def step_ran(self) -> None:
+        """A compiled step ran the planned forward (its traced code cannot tell the host)."""
+        self.planner.pending = None
 
     def require_batch(self, batch: int) -> None:
         """Refuse, before any work, a forward of another batch size than the one this cache holds."""

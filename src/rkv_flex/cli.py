@@ -65,10 +65,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def compile_seconds() -> float:
+    """Seconds torch.compile has spent compiling in this process so far."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    return sum(compilation_time_metrics.get("_compile.compile_inner", []))
+
+
+class TimedStreamer:
+    """Passes tokens on to a streamer and stamps each batch of new tokens: (time, compile seconds so far, count)."""
+
+    def __init__(self, inner):
+        self.inner, self.stamps, self.prompt_seen = inner, [], False
+
+    def put(self, value) -> None:
+        if self.prompt_seen:
+            self.stamps.append((time.perf_counter(), compile_seconds(), value.numel()))
+        self.prompt_seen = True
+        self.inner.put(value)
+
+    def end(self) -> None:
+        self.inner.end()
+
+
 def run_generate(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
-    from . import RKVConfig, make_cache, patch_model
+    from . import Engine, RKVConfig, make_cache, patch_model
     from .bundled import chat_prompt, load_model, load_problems
 
     config = RKVConfig(budget=args.budget, buffer=args.buffer, window=args.window, lam=args.lam, policy=args.policy)
@@ -82,33 +105,33 @@ def run_generate(args: argparse.Namespace) -> int:
     prompt_tokens = inputs.input_ids.shape[1]
     patch_model(model, config)
     sampling = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p) if args.temperature else {}
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    torch.manual_seed(args.seed)
+    streamer = TimedStreamer(TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True))
     print(f"[rkv-flex] {question}\n", flush=True)
-    start = time.perf_counter()
+    start = (time.perf_counter(), compile_seconds())
     if args.compile:
-        from .decode import generate, last_cache
-
-        output = generate(
-            model,
-            inputs.input_ids,
-            inputs.attention_mask,
-            max_new_tokens=args.max_new_tokens,
-            streamer=streamer,
-            **sampling,
-        )
-        cache = last_cache(model)
-    else:
-        cache = make_cache(model)
-        output = model.generate(
-            **inputs,
-            cache=cache,
-            max_new_tokens=args.max_new_tokens,
-            streamer=streamer,
-            **({"do_sample": False} | sampling),
-        )
-    seconds = time.perf_counter() - start
-    print(summary(model, cache, prompt_tokens, output.shape[1] - prompt_tokens, seconds))
+        with Engine(model, batch_size=1) as engine:
+            streamer.put(inputs.input_ids)
+            produced = []
+            for event in engine.stream(
+                [inputs.input_ids[0].tolist()], max_new_tokens=args.max_new_tokens, seed=args.seed, **sampling
+            ):
+                produced += event.tokens
+                if event.tokens:
+                    streamer.put(torch.tensor(event.tokens))
+            streamer.end()
+            cache, new_tokens = engine.cache, len(produced)
+            print(summary(model, cache, prompt_tokens, new_tokens, start, streamer.stamps))
+        return 0
+    torch.manual_seed(args.seed)
+    cache = make_cache(model)
+    output = model.generate(
+        **inputs,
+        cache=cache,
+        max_new_tokens=args.max_new_tokens,
+        streamer=streamer,
+        **({"do_sample": False} | sampling),
+    )
+    print(summary(model, cache, prompt_tokens, output.shape[1] - prompt_tokens, start, streamer.stamps))
     return 0
 
 
@@ -177,8 +200,16 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def summary(model, cache, prompt_tokens: int, new_tokens: int, seconds: float) -> str:
-    """Tokens, KV slots and bytes held against what a full cache would hold, and speed."""
+def summary(
+    model,
+    cache,
+    prompt_tokens: int,
+    new_tokens: int,
+    start: tuple[float, float],
+    stamps: list[tuple[float, float, int]],
+) -> str:
+    """Time to the first token (prefill), time spent compiling (a one-off), the steady speed of decoding without it,
+    and the KV slots and bytes held against what a full cache would hold."""
     text = model.config.get_text_config()
     layers, kv_heads = text.num_hidden_layers, text.num_key_value_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
@@ -186,9 +217,14 @@ def summary(model, cache, prompt_tokens: int, new_tokens: int, seconds: float) -
     seen = prompt_tokens + new_tokens
     full_bytes = 2 * layers * kv_heads * head_dim * element * seen
     held = cache.kv_bytes
+    (first, compiled_first, _), (last, compiled_last, _) = stamps[0], stamps[-1]
+    compiling = compiled_last - start[1]
+    decode_seconds = last - first - (compiled_last - compiled_first)
+    steady = (new_tokens - 1) / decode_seconds if new_tokens > 1 and decode_seconds > 0 else float("nan")
     return (
-        f"\n[rkv-flex] {new_tokens} new tokens after a {prompt_tokens}-token prompt in {seconds:.1f} s "
-        f"({new_tokens / seconds:.1f} tokens/s, compile and prefill included)\n"
+        f"\n[rkv-flex] {new_tokens} new tokens after a {prompt_tokens}-token prompt: first token after "
+        f"{first - start[0]:.1f} s; compiling took {compiling:.1f} s of the run (a one-off: the inductor cache and "
+        f"later calls skip it); decoding without it {steady:.1f} tokens/s\n"
         f"[rkv-flex] KV slots per layer and head: {cache.capacity} held (budget {cache.config.budget} + buffer "
         f"{cache.config.buffer}) vs {seen} for a full cache; {cache.compactions} compactions\n"
         f"[rkv-flex] KV bytes: {held / 2**20:.2f} MiB held vs {full_bytes / 2**20:.2f} MiB full "

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .bundled import MathProblem, chat_batch
+from .bundled import MathProblem, chat_batch, chat_prompt
 
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
@@ -79,31 +79,29 @@ def evaluate(
     batch: int = 1,
     compile: bool = True,
 ) -> tuple[int, int, int, list[dict]]:
-    """(correct, total, new tokens, per-item answers) of a patched model, greedy, batched with left padding."""
-    from .decode import generate
+    """(correct, total, new tokens, per-item answers) of a patched model, greedy (unless the model's
+    generation_config samples). ``compile``: the engine, ``batch`` rows refilled as problems finish; otherwise
+    transformers' generate on left-padded batches."""
+    from .engine import Engine
 
-    stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    correct, produced, answers = 0, 0, []
-    for start in range(0, len(problems), batch):
-        group = problems[start : start + batch]
-        inputs = chat_batch(tokenizer, [p.question for p in group]).to(model.device)
-        if compile:
-            output = generate(
-                model,
-                inputs.input_ids,
-                inputs.attention_mask,
-                max_new_tokens=max_new_tokens,
-                eos_token_id=stops,
-                pad_token_id=pad_id,
-            )
-        else:
+    prompts = [chat_prompt(tokenizer, p.question) for p in problems]
+    if compile:
+        with Engine(model, batch_size=batch) as engine:
+            ids = [tokenizer(prompt).input_ids for prompt in prompts]
+            outputs = engine.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id)
+    else:
+        outputs = []
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        for start in range(0, len(problems), batch):
+            inputs = chat_batch(tokenizer, [p.question for p in problems[start : start + batch]]).to(model.device)
             output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
-        for problem, row in zip(group, output[:, inputs.input_ids.shape[1] :], strict=True):
-            text = tokenizer.decode(row, skip_special_tokens=True)
-            predicted = extract_answer(text)
-            right = is_correct(predicted, problem.answer)
-            correct += right
-            produced += int((row != pad_id).sum())
-            answers.append({"reference": problem.answer, "predicted": predicted, "correct": right})
+            for row in output[:, inputs.input_ids.shape[1] :].tolist():
+                outputs.append(row[: row.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in row else row)
+    correct, produced, answers = 0, 0, []
+    for problem, tokens in zip(problems, outputs, strict=True):
+        predicted = extract_answer(tokenizer.decode(tokens, skip_special_tokens=True))
+        right = is_correct(predicted, problem.answer)
+        correct += right
+        produced += len(tokens)
+        answers.append({"reference": problem.answer, "predicted": predicted, "correct": right})
     return correct, len(problems), produced, answers

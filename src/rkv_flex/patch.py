@@ -28,13 +28,21 @@ _PATCH_ATTR = "_rkv_flex_patch"
 
 @dataclass
 class PatchRecord:
-    """What patching changed, to undo it exactly, and the caches ``generate`` reuses (one per batch, dtype and
-    device: stable addresses, so a compiled forward replays its graphs instead of re-recording them)."""
+    """What patching changed, to undo it exactly, and what the model's own ``generate`` and ``rkv_flex.generate``
+    reuse between calls: caches and engines (one per batch, dtype and device: stable addresses, so compiled code
+    replays its graphs instead of re-recording them). Unpatching releases them."""
 
     config: RKVConfig
     previous_attention: str
     caches: dict[tuple, RKVCache] = field(default_factory=dict)
+    engines: dict[tuple, Any] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def release(self) -> None:
+        for engine in self.engines.values():
+            engine.close()
+        self.engines.clear()
+        self.caches.clear()
 
 
 def _register() -> None:
@@ -93,7 +101,7 @@ def unpatch_model(model: Any) -> Any:
     model.set_attn_implementation(record.previous_attention)
     del model.__dict__["generate"]
     del model.__dict__[_PATCH_ATTR]
-    record.caches.clear()
+    record.release()
     return model
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from transformers import LogitsProcessor
 
-from .sampling import Sampling, filter_logits
+from .sampling import SamplingParams, filter_logits
 
 
 class SharedNoiseSampler(LogitsProcessor):
@@ -35,7 +35,7 @@ class SharedNoiseSampler(LogitsProcessor):
         top_p: float = 0.95,
         suppress: Sequence[int] = (),
     ):
-        self.sampling = Sampling(do_sample=True, temperature=temperature, top_p=top_p)  # validates both
+        self.sampling = SamplingParams(do_sample=True, temperature=temperature, top_p=top_p)  # validates both
         self.prompt_length, self.seed, self.suppress = prompt_length, seed, list(suppress)
 
     def scores(self, logits: Tensor) -> Tensor:
@@ -43,7 +43,9 @@ class SharedNoiseSampler(LogitsProcessor):
         if self.suppress:
             banned = torch.tensor(self.suppress, device=logits.device)
             logits = logits.index_fill(-1, banned, float("-inf"))
-        return filter_logits(logits, self.sampling)
+        shape = logits.shape
+        filtered = filter_logits(logits.reshape(-1, shape[-1]), self.sampling.temperature, self.sampling.top_p, 0)
+        return filtered.reshape(shape)
 
     def noise(self, step: int, batch: int, vocab: int) -> Tensor:
         """Gumbel noise [batch, vocab] for generated position ``step``, the same on every call."""

@@ -1,0 +1,329 @@
+"""The serving engine: caller-owned compiled decoding of a fixed number of rows, with continuous batching.
+
+An :class:`Engine` holds, for one patched model and one batch size, the slot cache, the step buffers and the
+compiled graphs (in gpt-fast's manner: the caller owns them, ``close()`` frees them). Requests queue up; each row
+decodes one request; when a row finishes (an end-of-sequence id, or its own ``max_new_tokens``) the next request
+takes it over: the row's slots are reset and its prompt prefilled (in chunks) while the other rows keep their
+state. Refilling a row is data, not shape: the graphs never recompile for it.
+
+Per step the host plans (compacting full rows, one graph), then two graphs run: the model's forward for one token
+per row (into a logits buffer), and the choice of each row's next token with its own settings (greedy, sampled,
+or filtered: three small graphs, the host picks the cheapest that serves every active row). Finished rows are
+detected every ``check_every`` steps (the only device-to-host copy), or earlier when a row reaches its length.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .cache import RKVCache, compact_layers
+from .compiled import compiled
+from .forward import feed
+from .patch import check_prompt, make_cache, patch_record
+from .policies import make_policy
+from .requests import MAX_STOP_IDS, Request, build_requests
+from .sampling import RowSampling, cheapest_variant, choose
+
+
+@dataclass
+class StepBuffers:
+    """Fixed-address inputs and outputs of the step graphs, updated in place, [B] per row unless noted."""
+
+    tokens: Tensor  # [B, 1] the token each row feeds next
+    positions: Tensor  # [B, 1] its position
+    logits: Tensor  # [B, V] float32, the forward's output
+    finished: Tensor  # bool: the row emitted a stop id (it then feeds its pad id)
+    steps: Tensor  # tokens the row has generated (the random stream's counter)
+    stop_ids: Tensor  # [B, MAX_STOP_IDS], -1 where unused
+    pad_ids: Tensor
+    sampling: RowSampling
+
+    @classmethod
+    def allocate(cls, batch: int, vocab: int, device: torch.device) -> StepBuffers:
+        def static(tensor: Tensor) -> Tensor:
+            torch._dynamo.mark_static_address(tensor)
+            return tensor
+
+        return cls(
+            tokens=static(torch.zeros(batch, 1, dtype=torch.long, device=device)),
+            positions=static(torch.zeros(batch, 1, dtype=torch.long, device=device)),
+            logits=static(torch.zeros(batch, vocab, device=device)),
+            finished=static(torch.ones(batch, dtype=torch.bool, device=device)),
+            steps=static(torch.zeros(batch, dtype=torch.long, device=device)),
+            stop_ids=static(torch.full((batch, MAX_STOP_IDS), -1, dtype=torch.long, device=device)),
+            pad_ids=static(torch.zeros(batch, dtype=torch.long, device=device)),
+            sampling=RowSampling.allocate(batch, device),
+        )
+
+
+def forward_step(model: Any, cache: RKVCache, buffers: StepBuffers) -> None:
+    """One token per row through the model; the last position's logits into ``buffers.logits``."""
+    logits = model(input_ids=buffers.tokens, position_ids=buffers.positions, cache=cache, use_cache=True).logits
+    buffers.logits.copy_(logits[:, -1])
+
+
+def choose_step(buffers: StepBuffers, variant: str) -> None:
+    """Each row's next token from ``buffers.logits``; finished rows stay on their pad id."""
+    chosen = choose(buffers.logits, buffers.sampling, buffers.steps, variant)
+    chosen = torch.where(buffers.finished, buffers.pad_ids, chosen)
+    buffers.finished.logical_or_((chosen[:, None] == buffers.stop_ids).any(dim=-1))
+    buffers.tokens.copy_(chosen[:, None])
+    buffers.positions.add_(1)
+    buffers.steps.add_(1)
+
+
+@dataclass
+class Completion:
+    """What a request produced so far: ``tokens`` new since the last event (``stream``) or all (``generate``)."""
+
+    index: int  # the request's position in the input
+    tokens: list[int]
+    finished: bool
+
+
+@dataclass
+class _Row:
+    index: int
+    request: Request
+    produced: list[int] = field(default_factory=list)
+
+
+class Engine:
+    """Compiled decoding of ``batch_size`` rows of one patched model, owned by the caller.
+
+    ``compile=False`` runs the same steps eagerly. ``check_every`` bounds how many steps pass before finished rows
+    are noticed (and refilled). ``capacity`` overrides the slots per row (the ``full`` policy needs room for the
+    whole generation). Use it as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        batch_size: int = 1,
+        *,
+        compile: bool = True,
+        check_every: int = 8,
+        capacity: int | None = None,
+    ):
+        record = patch_record(model)
+        for name, value in (("batch_size", batch_size), ("check_every", check_every)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        self._model = weakref.ref(model)
+        self.config = record.config
+        self.batch_size, self.check_every = batch_size, check_every
+        self.device = model.device
+        self.cache = make_cache(model)
+        for layer in self.cache.layers:
+            layer.capacity = capacity or self.config.capacity
+        self.cache.prepare(batch_size, self.device)
+        vocab = model.get_output_embeddings().weight.shape[0]
+        self.buffers = StepBuffers.allocate(batch_size, vocab, self.device)
+        mode = "reduce-overhead" if self.device.type == "cuda" else None
+        self._forward = compiled(forward_step, mode) if compile else forward_step
+        self._choose = compiled(choose_step, mode) if compile else choose_step
+        # A user scorer compacts eagerly: its output is checked, and it need not be traceable.
+        self.cache.compactor = (
+            compiled(compact_layers, mode) if compile and self.cache.policy.traceable else compact_layers
+        )
+        self._lock = threading.Lock()
+        self._rows: list[_Row | None] = [None] * batch_size
+        self.steps_run = 0
+
+    @property
+    def model(self) -> Any:
+        model = self._model()
+        if model is None:
+            raise RuntimeError("the engine's model no longer exists")
+        patch_record(model)  # refuses a model unpatched meanwhile
+        return model
+
+    # -- lifetime -----------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Free the slot cache, the buffers and the compiled graphs' references."""
+        self.cache = self.buffers = self._forward = self._choose = None
+        self._rows = []
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- generation ---------------------------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[Sequence[int]], **options: Any) -> list[list[int]]:
+        """Each prompt's generated token ids, in input order. Options (``max_new_tokens``, ``do_sample``,
+        ``temperature``, ``top_p``, ``top_k``, ``seed``, ``eos_token_id``, ``pad_token_id``) take one value for all
+        prompts or a list with one per prompt; unset ones come from the model's ``generation_config``."""
+        outputs: list[list[int]] = [[] for _ in prompts]
+        for event in self.stream(prompts, **options):
+            outputs[event.index].extend(event.tokens)
+        return outputs
+
+    def stream(self, prompts: Sequence[Sequence[int]], **options: Any) -> Iterator[Completion]:
+        """Like :meth:`generate`, yielding each request's new tokens as they are found (every ``check_every``
+        steps) and a final event per request when it finishes."""
+        if self.cache is None:
+            raise RuntimeError("this engine is closed")
+        requests = build_requests(self.model.generation_config, prompts, **options)
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError("this engine is already generating in another thread; use one engine per thread")
+        try:
+            yield from self._run(deque(enumerate(requests)))
+        finally:
+            self._rows = [None] * self.batch_size
+            self.cache.cancel_plan()
+            self._lock.release()
+
+    @torch.no_grad()
+    def _run(self, queue: deque) -> Iterator[Completion]:
+        while True:
+            yield from self._refill(queue)
+            active = [row for row in self._rows if row is not None]
+            if not active:
+                return
+            variant = cheapest_variant([row.request.sampling for row in active])
+            remaining = min(row.request.max_new_tokens - len(row.produced) for row in active)
+            steps = min(self.check_every, remaining)
+            tokens = [self._step(variant) for _ in range(steps)]
+            yield from self._collect(torch.stack(tokens, dim=1).cpu())
+
+    def _step(self, variant: str) -> Tensor:
+        self._park_idle_rows()
+        self.cache.begin_step(1)
+        self._forward(self.model, self.cache, self.buffers)
+        self.cache.step_ran()
+        self._choose(self.buffers, variant)
+        self.steps_run += 1
+        return self.buffers.tokens[:, 0].clone()
+
+    def _park_idle_rows(self) -> None:
+        """Rows without a request decode pad tokens; empty them instead of compacting them when they fill."""
+        planner = self.cache.planner
+        full = [r for r, row in enumerate(self._rows) if row is None and planner.used[r] == planner.capacity]
+        if full:
+            self.cache.reset_rows(full)
+
+    def _refill(self, queue: deque) -> Iterator[Completion]:
+        """Give every free row the next queued request: reset it, prefill the prompt, choose the first token."""
+        for row in range(self.batch_size):
+            while self._rows[row] is None and queue:
+                index, request = queue.popleft()
+                first = self._start(row, request)
+                state = _Row(index, request, [first])
+                if first in request.stop_ids or request.max_new_tokens == 1:
+                    yield Completion(index, [first], True)
+                    self._finish_row(row)
+                else:
+                    self._rows[row] = state
+                    yield Completion(index, [first], False)
+
+    def _start(self, row: int, request: Request) -> int:
+        cache, buffers, model = self.cache, self.buffers, self.model
+        cache.reset_rows([row])
+        prompt = torch.tensor([request.prompt], device=self.device)
+        chunk = self.config.prefill_chunk if self.config.compact_prompt else None
+        with cache.feeding(row):
+            logits = feed(model, cache, prompt, torch.ones_like(prompt), 0, prompt.shape[1], chunk)
+        buffers.sampling.set_row(row, request.sampling)
+        buffers.steps[row] = 0
+        one_row = RowSampling(*(getattr(buffers.sampling, name)[row : row + 1] for name in _SAMPLING_FIELDS))
+        first = choose(logits, one_row, buffers.steps[row : row + 1], request.sampling.variant)
+        buffers.tokens[row, 0] = first[0]
+        buffers.positions[row, 0] = len(request.prompt)
+        buffers.steps[row] = 1
+        buffers.stop_ids[row] = -1
+        buffers.stop_ids[row, : len(request.stop_ids)] = torch.tensor(request.stop_ids, dtype=torch.long)
+        buffers.pad_ids[row] = request.pad_id
+        buffers.finished[row] = False
+        return int(first[0])
+
+    def _collect(self, tokens: Tensor) -> Iterator[Completion]:
+        """Hand each active row's new tokens to its request, up to its stop id or length; free finished rows."""
+        for row, state in enumerate(self._rows):
+            if state is None:
+                continue
+            new = []
+            for token in tokens[row].tolist():
+                new.append(token)
+                if token in state.request.stop_ids or len(state.produced) + len(new) == state.request.max_new_tokens:
+                    state.produced.extend(new)
+                    yield Completion(state.index, new, True)
+                    self._finish_row(row)
+                    break
+            else:
+                state.produced.extend(new)
+                yield Completion(state.index, new, False)
+
+    def _finish_row(self, row: int) -> None:
+        self._rows[row] = None
+        self.buffers.finished[row] = True
+        self.buffers.pad_ids[row] = 0
+
+
+_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "greedy", "seed")
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    *,
+    streamer: Any = None,
+    compile: bool = True,
+    **options: Any,
+) -> Tensor:
+    """Decode a batch with the patched model's slot cache; returns [B, prompt + new] ids like ``model.generate``.
+
+    A thin wrapper over an :class:`Engine` kept by the patched model (released by ``unpatch_model``): each row is
+    generated exactly as it would be alone, without its left padding (which takes no slots). Options as for
+    :meth:`Engine.generate`; rows that finish early are padded with their pad id, as transformers does.
+    """
+    record = patch_record(model)
+    if not isinstance(input_ids, Tensor) or input_ids.ndim != 2:
+        raise ValueError("input_ids must be a 2-D tensor [batch, prompt length]")
+    check_prompt(input_ids, attention_mask)
+    for name, tensor in (("input_ids", input_ids), ("attention_mask", attention_mask)):
+        if tensor is not None and tensor.device != model.device:
+            raise ValueError(f"{name} is on {tensor.device} but the model is on {model.device}; move it first")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    elif attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
+    if streamer is not None and input_ids.shape[0] != 1:
+        raise ValueError("a streamer takes one sequence: stream a batch with Engine.stream instead")
+    prompts = [row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask, strict=True)]
+    requests = build_requests(model.generation_config, prompts, **options)
+    capacity = record.config.capacity
+    if not make_policy(record.config).evicts:  # a cache that never evicts holds everything
+        longest = max(len(r.prompt) + r.max_new_tokens for r in requests)
+        capacity = max(capacity, -(-longest // 128) * 128)
+    outputs: list[list[int]] = [[] for _ in prompts]
+    with record.lock:
+        key = (input_ids.shape[0], model.dtype, model.device, compile, capacity)
+        if key not in record.engines:
+            record.engines[key] = Engine(model, input_ids.shape[0], compile=compile, capacity=capacity)
+        engine = record.engines[key]
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        for event in engine.stream(prompts, **options):
+            outputs[event.index].extend(event.tokens)
+            if streamer is not None and event.tokens:
+                streamer.put(torch.tensor(event.tokens))
+    if streamer is not None:
+        streamer.end()
+    width = max(len(tokens) for tokens in outputs)
+    new = torch.tensor(
+        [tokens + [request.pad_id] * (width - len(tokens)) for tokens, request in zip(outputs, requests, strict=True)],
+        device=input_ids.device,
+    )
+    return torch.cat([input_ids, new], dim=1)
