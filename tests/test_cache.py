@@ -133,11 +133,19 @@ def schedules(draw):
 
 
 @settings(max_examples=40, deadline=None)
-@given(schedule=schedules(), seed=st.integers(0, 2**31), compact_prompt=st.booleans())
-def test_invariants_and_reference_selection(schedule, seed, compact_prompt):
+@given(
+    schedule=schedules(),
+    seed=st.integers(0, 2**31),
+    compact_prompt=st.booleans(),
+    sizes=st.sampled_from([(6, 4, 2), (6, 2, 4)]),  # (budget, buffer, window): a window wider than the buffer too
+)
+def test_invariants_and_reference_selection(schedule, seed, compact_prompt, sizes):
     """Any prefill / chunk / decode sequence: invariants hold after each forward, and every compaction kept the
     naive reference selection (compact-then-append with the queries seen so far; staged with the newest ones)."""
-    config = RKVConfig(budget=6, buffer=4, window=2, kernel=3, compact_prompt=compact_prompt, attention="sdpa")
+    budget, buffer, window = sizes
+    config = RKVConfig(
+        budget=budget, buffer=buffer, window=window, kernel=3, compact_prompt=compact_prompt, attention="sdpa"
+    )
     prompt, pads, steps = schedule
     driver = Driver(config, seed)
     if prompt > config.capacity and not compact_prompt:
@@ -179,7 +187,12 @@ def test_invariants_and_reference_selection(schedule, seed, compact_prompt):
             joined_valid = torch.cat([before["valid"], new_valid[:, None, :].expand(BATCH, KV_HEADS, length)], 2)
             joined_pos = torch.cat([before["pos"], positions[:, None, :].expand(BATCH, KV_HEADS, length)], 2)
             joined_keys = torch.cat([before["keys"], keys], dim=2)
-            window = window_at(capacity + length, capacity + length - config.window, config.window)
+            # the newest tokens: the new ones, and the newest used slots when the new ones are fewer
+            newest = min(length, config.window)
+            window = window_at(capacity + length, capacity + length - newest, newest)
+            older = config.window - length
+            if older > 0:
+                window[..., max(0, used - older) : used] = True
             query_valid = driver.cache.shared.counters.query_valid
             assert_best_kept(driver, joined_keys, joined_valid, joined_pos, window, slots.queries, query_valid)
 

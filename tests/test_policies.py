@@ -10,6 +10,7 @@ from conftest import greedy, padded_prompt, tiny_model
 from rkv_flex import RKVConfig, SlotState, generate, make_cache, patch_model
 from rkv_flex.attention import rkv_attention
 from rkv_flex.cache import LayerSpec, RKVCache
+from rkv_flex.forward import positions_from_mask
 from rkv_flex.masks import dense_slot_mask
 
 
@@ -125,3 +126,19 @@ def test_bad_custom_scorers_get_clear_errors(scorer, error, match):
 def test_unknown_policy_name():
     with pytest.raises(ValueError, match="policy 'h3o' is unknown"):
         patch_model(tiny_model(), budget=16, policy="h3o")
+
+
+def test_h2o_padding_queries_pay_no_attention():
+    """A left-padded row accumulates exactly what the same tokens accumulate without padding."""
+    model = patch_model(tiny_model("llama", 4, 2, seed=8), budget=30, buffer=4, policy="h2o", attention="sdpa")
+    ids, mask = padded_prompt(2, 9, [0, 3], seed=8)
+    ids[1, 3:] = ids[0, :6]
+    padded, alone = make_cache(model), make_cache(model)
+    model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), cache=padded)  # as generate
+    model(input_ids=ids[:1, :6], cache=alone)
+    for with_pads, without in zip(padded.layers, alone.layers, strict=True):
+        real = with_pads.slots.valid[1]
+        assert real.sum() == 6 * 2
+        torch.testing.assert_close(
+            with_pads.slots.attention_sum[1][real], without.slots.attention_sum[0, :, :6].flatten()
+        )

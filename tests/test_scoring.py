@@ -188,3 +188,14 @@ def test_bf16_redundancy_keeps_the_fp32_choice_where_scores_are_not_near_tied(se
     kept_exact = select_keep(-exact, valid, window, keep)
     kept_half = select_keep(-half, valid, window, keep)
     assert torch.equal(kept_exact[clear], kept_half[clear])
+
+
+def test_select_keep_puts_invalid_filler_before_the_kept_tokens():
+    """With fewer valid slots than ``keep``, the filler slots come first and the valid ones follow in slot order,
+    so the newest kept slots are still the newest tokens (the next window)."""
+    valid = torch.tensor([[[False, True, True, False, True, False, False, False]]])
+    window = torch.zeros(1, 1, 8, dtype=torch.bool)
+    window[..., 4] = True
+    got = select_keep(torch.randn(1, 1, 8), valid, window, 6)[0, 0]
+    assert not valid[0, 0, got[:3]].any()
+    assert got[3:].tolist() == [1, 2, 4]

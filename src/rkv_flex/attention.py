@@ -27,7 +27,7 @@ ATTENTION_NAME = "rkv_flex"
 
 # Keyword arguments transformers passes that do not change attention's result here.
 INERT_KWARGS = frozenset({"position_ids", "use_cache", "rkv_layer", "output_attentions", "cache_position"})
-# Handled: ``sliding_window`` (the layer's own window is used; the value must agree).
+# Handled: ``sliding_window``, which must agree with the window the cache derived for the layer.
 
 
 def span_length(length: int) -> int:
@@ -162,6 +162,11 @@ def rkv_attention(
         out = cache_free_attention(query, key, value, attention_mask, kwargs.get("position_ids"), scale, kwargs)
         return out.transpose(1, 2).contiguous(), None
     window = layer.sliding_window
+    if "sliding_window" in kwargs and kwargs["sliding_window"] != window and not torch.compiler.is_compiling():
+        raise ValueError(
+            f"layer {layer.index} attends a sliding window of {kwargs['sliding_window']}, but the cache derived "
+            f"{window} from the model config"
+        )
     positions = kwargs["position_ids"]
     reference = layer.config.attention == "sdpa"
     if layer.incoming is None:  # one new token per row, already in the slots

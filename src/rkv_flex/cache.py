@@ -179,20 +179,13 @@ class RKVLayer(CacheLayerMixin):
         if self.index == 0:  # the ring's validity is shared by all layers
             ring_slots = (ring + torch.arange(kept, device=keys.device)) % self.config.window
             counters.query_valid.index_copy_(1, ring_slots, new_valid[:, -kept:])
-        staged = slots.staged(keys, values, positions, new_valid, length, counters.query_valid, scaling)
-        if staged.attention_sum is not None:
-            query_pos = torch.cat([positions, positions.new_full((batch, length - count), -1)], dim=1)
-            query = torch.cat([query, query.new_zeros(*query.shape[:2], length - count, query.shape[-1])], dim=2)
+        staged = slots.staged(
+            keys, values, positions, new_valid, length, plan.used_before[0], counters.query_valid, scaling
+        )
+        if staged.attention_sum is not None:  # what the real (not padding) new queries pay every slot
             staged.attention_sum.add_(
                 received_attention(
-                    query,
-                    staged.keys,
-                    staged.valid,
-                    staged.pos,
-                    query_pos,
-                    None,
-                    scaling,
-                    self.sliding_window,
+                    query, staged.keys, staged.valid, staged.pos, positions, new_valid, scaling, self.sliding_window
                 )
             )
         return staged

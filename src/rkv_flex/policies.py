@@ -107,14 +107,15 @@ class H2O(Policy):
 
 @dataclass(frozen=True)
 class Random(Policy):
-    """Control: a fixed pseudo-random priority per (sequence, head, position), the same at every compaction."""
+    """Control: a fixed pseudo-random priority per (KV head, position), the same at every compaction and for any
+    row (so a request's choice does not depend on the row it decodes in)."""
 
     seed: int = 0
 
     def __call__(self, state: SlotState) -> Tensor:
-        batch, heads, _ = state.pos.shape
-        row = torch.arange(batch * heads, device=state.pos.device).reshape(batch, heads, 1)
-        mixed = (state.pos * 2654435761 + row * 40503 + self.seed * 97) % 2147483647
+        heads = state.pos.shape[1]
+        head = torch.arange(heads, device=state.pos.device).reshape(1, heads, 1)
+        mixed = (state.pos * 2654435761 + head * 40503 + self.seed * 97) % 2147483647
         return (mixed * 48271 % 2147483647).float()
 
 

@@ -118,7 +118,8 @@ def filter_logits(logits: Tensor, temperature: Tensor | float, top_p: Tensor | f
     ordered = ordered.masked_fill(outside, float("-inf"))
     probs = ordered.softmax(dim=-1)
     top_p = torch.as_tensor(top_p, device=logits.device, dtype=probs.dtype).reshape(-1, 1)
-    outside = outside | (probs.cumsum(dim=-1) - probs > top_p)  # the top token is always inside
+    # the top token is always inside; top-p 1 filters nothing (a float cumsum may pass 1 by rounding)
+    outside = outside | ((top_p < 1) & (probs.cumsum(dim=-1) - probs > top_p))
     return logits.masked_fill(outside.scatter(-1, order, outside), float("-inf"))
 
 

@@ -102,6 +102,10 @@ def received_attention(
 
 
 def select_keep(scores: Tensor, valid: Tensor, window: Tensor, keep: int) -> Tensor:
-    """Slot indices [B, Hkv, keep], ascending: every ``window`` slot plus the best-scored other valid slots."""
+    """Slot indices [B, Hkv, keep]: every ``window`` slot plus the best-scored other valid slots, ascending, with
+    any invalid filler (fewer valid slots than ``keep``) moved first, so the newest kept slots stay the newest
+    tokens."""
     ranked = scores.float().masked_fill(~valid, float("-inf")).masked_fill(window, float("inf"))
-    return ranked.topk(keep, dim=-1, sorted=False).indices.sort(dim=-1).values
+    kept = ranked.topk(keep, dim=-1, sorted=False).indices
+    order = kept + valid.gather(-1, kept) * valid.shape[-1]  # invalid ones first, each group in slot order
+    return kept.gather(-1, order.argsort(dim=-1))

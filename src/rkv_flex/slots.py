@@ -170,11 +170,13 @@ class LayerSlots:
         positions: Tensor,
         new_valid: Tensor,
         length: int,
+        used: int,
         query_valid: Tensor,
         scaling: float,
     ) -> SlotState:
         """The slots followed by new tokens, padded with invalid ones to ``length`` new columns (so the shapes
-        attention and selection compile for come from a few buckets). ``window`` marks the newest new tokens."""
+        attention and selection compile for come from a few buckets). ``window`` marks the newest tokens: the new
+        ones, and when they are fewer than the window, the newest of the ``used`` slots too."""
         batch, kv_heads, count = keys.shape[:3]
         pad = length - count
 
@@ -188,15 +190,17 @@ class LayerSlots:
         if self.attention_sum is not None:
             zeros = torch.zeros(batch, kv_heads, count, dtype=torch.float32, device=keys.device)
             attention_sum = joined(self.attention_sum, zeros, 0.0)
-        total = self.capacity + length
+        total, window = self.capacity + length, self.queries.shape[2]
         slot = torch.arange(total, device=keys.device)
         newest = self.capacity + count
+        in_window = (slot >= max(newest - window, self.capacity)) & (slot < newest)
+        in_window |= (slot >= used - (window - count)) & (slot < min(used, self.capacity))
         return SlotState(
             keys=joined(self.keys, keys, 0.0),
             values=joined(self.values, values, 0.0),
             valid=joined(self.valid, valid, False),
             pos=joined(self.pos, new_pos, -1),
-            window=((slot >= newest - self.queries.shape[2]) & (slot < newest)).expand(batch, 1, total),
+            window=in_window.expand(batch, 1, total),
             queries=self.queries,
             query_valid=query_valid,
             attention_sum=attention_sum,
