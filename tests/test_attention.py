@@ -4,6 +4,7 @@ SDPA step)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -117,6 +118,19 @@ def test_decoding_paths_equal_dense_sdpa_for_any_group_size(seed, group, window)
         got = flex_step(query, keys, values, valid, pos, query_pos, 0.4, window, fold)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sdpa_step(query, keys, values, valid, pos, query_pos, 0.4, window), want)
+
+
+@pytest.mark.xfail(strict=True, reason="torch 2.13's compiled CPU flex kernel returns garbage for this shape")
+def test_compiled_folded_flex_decoding_at_batch_one_and_more_than_256_slots():
+    """Why the folded query group stays off by default (RKVLayer.fold_group): at batch 1 with more than 256 slots,
+    the compiled CPU kernel is wrong (errors up to 1e38 against SDPA; batch 2, or 256 slots, are right). A torch
+    release that fixes it turns this into an unexpected pass, which fails the suite and calls for a new look."""
+    valid, pos, query_pos = random_slots(5, 3, 640)
+    valid, pos, query_pos = valid[:1], pos[:1].clamp(max=query_pos[:1, :1, None]), query_pos[:1]
+    query, keys, values = (t[:1] for t in tensors(5, 9, 3, 640, 1))
+    want = masked_sdpa(query, keys, values, valid, pos, query_pos, 0.25)
+    step = torch.compile(lambda *args: flex_step(*args, True), fullgraph=True, dynamic=False)
+    torch.testing.assert_close(step(query, keys, values, valid, pos, query_pos, 0.25, None), want)
 
 
 def test_compiled_flex_decoding_with_a_folded_group_of_seven():

@@ -11,12 +11,21 @@ from unittest import mock
 import pytest
 import torch
 import torch._dynamo
+import torch._inductor.config
 from conftest import padded_prompt, teacher_forced, tiny_model
 from torch._inductor import cudagraph_trees
 
 from rkv_flex import Engine, generate, patch_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def cuda_graphs_or_error():
+    """A CUDA graph that would be skipped fails the test instead."""
+    with torch._inductor.config.patch({"triton.cudagraph_or_error": True}):
+        yield
+
 
 # (query heads, KV heads, head dim, capacity as budget + buffer): R1-Distill-Llama-8B's heads; GQA 7 as in
 # R1-Distill-Qwen-7B (no flex decoding kernel unless the group is folded); a capacity off the 128-slot block.

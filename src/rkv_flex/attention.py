@@ -76,8 +76,7 @@ def flex_step(
     group = query_heads // kv_heads
     if fold_group:
         query = query.view(batch, kv_heads, group, dim)
-        query_pos = query_pos.expand(batch, group)
-        mask_mod = slot_mask_mod(valid, pos, query_pos, 1, sliding_window)
+        mask_mod = slot_mask_mod(valid, pos, query_pos, 1, sliding_window, rows_per_query=group)
         block_mask = slot_block_mask(block_tables(batch, group, slots, query.device), mask_mod, group, slots)
         out = flex_attention(query, key, value, block_mask=block_mask, scale=scale)
         return out.view(batch, query_heads, 1, -1)

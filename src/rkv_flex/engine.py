@@ -101,7 +101,8 @@ class Engine:
 
     ``compile=False`` runs the same steps eagerly. ``check_every`` bounds how many steps pass before finished rows
     are noticed (and refilled). ``capacity`` overrides the slots per row (the ``full`` policy needs room for the
-    whole generation). Use it as a context manager, or call :meth:`close`.
+    whole generation). ``cache`` continues from an existing slot cache of this model and batch size (a
+    conversation's next turn, see :meth:`stream`). Use it as a context manager, or call :meth:`close`.
     """
 
     def __init__(
@@ -112,6 +113,7 @@ class Engine:
         compile: bool = True,
         check_every: int = 8,
         capacity: int | None = None,
+        cache: RKVCache | None = None,
     ):
         record = patch_record(model)
         for name, value in (("batch_size", batch_size), ("check_every", check_every)):
@@ -121,10 +123,18 @@ class Engine:
         self.config = record.config
         self.batch_size, self.check_every = batch_size, check_every
         self.device = model.device
-        self.cache = make_cache(model)
-        for layer in self.cache.layers:
-            layer.capacity = capacity or self.config.capacity
-        self.cache.prepare(batch_size, self.device)
+        if cache is None:
+            self.cache = make_cache(model)
+            for layer in self.cache.layers:
+                layer.capacity = capacity or self.config.capacity
+            self.cache.prepare(batch_size, self.device)
+        else:
+            if not isinstance(cache, RKVCache) or cache.config is not record.config:
+                raise ValueError("cache must be an RKVCache made for this patched model (rkv_flex.make_cache(model))")
+            if cache.planner is None:
+                cache.prepare(batch_size, self.device)
+            cache.require_batch(batch_size)
+            self.cache = cache
         vocab = model.get_output_embeddings().weight.shape[0]
         self.buffers = StepBuffers.allocate(batch_size, vocab, self.device)
         mode = "reduce-overhead" if self.device.type == "cuda" else None
@@ -159,32 +169,57 @@ class Engine:
         self.close()
 
     # -- generation ---------------------------------------------------------------------------------------------
-    def generate(self, prompts: Sequence[Sequence[int]], **options: Any) -> list[list[int]]:
+    def generate(
+        self, prompts: Sequence[Sequence[int]], *, continue_rows: bool = False, **options: Any
+    ) -> list[list[int]]:
         """Each prompt's generated token ids, in input order. Options (``max_new_tokens``, ``do_sample``,
         ``temperature``, ``top_p``, ``top_k``, ``seed``, ``eos_token_id``, ``pad_token_id``) take one value for all
         prompts or a list with one per prompt; unset ones come from the model's ``generation_config``."""
         outputs: list[list[int]] = [[] for _ in prompts]
-        for event in self.stream(prompts, **options):
+        for event in self.stream(prompts, continue_rows=continue_rows, **options):
             outputs[event.index].extend(event.tokens)
         return outputs
 
-    def stream(self, prompts: Sequence[Sequence[int]], **options: Any) -> Iterator[Completion]:
+    def stream(
+        self, prompts: Sequence[Sequence[int]], *, continue_rows: bool = False, **options: Any
+    ) -> Iterator[Completion]:
         """Like :meth:`generate`, yielding each request's new tokens as they are found (every ``check_every``
-        steps) and a final event per request when it finishes."""
+        steps) and a final event per request when it finishes.
+
+        ``continue_rows``: prompt ``i`` continues row ``i``'s conversation (one prompt per row): it holds the whole
+        conversation so far, the tokens the row has already seen are skipped and the rest are fed on top of what
+        its slots kept, as transformers continues from a cache.
+        """
         if self.cache is None:
             raise RuntimeError("this engine is closed")
         requests = build_requests(self.model.generation_config, prompts, **options)
+        if continue_rows:
+            self._check_continuation(requests)
         if not self._lock.acquire(blocking=False):
             raise RuntimeError("this engine is already generating in another thread; use one engine per thread")
         try:
-            yield from self._run(deque(enumerate(requests)))
+            yield from self._run(deque(enumerate(requests)), continue_rows)
         finally:
             self._rows = [None] * self.batch_size
             self.cache.cancel_plan()
             self._lock.release()
 
+    def _check_continuation(self, requests: list[Request]) -> None:
+        if len(requests) != self.batch_size:
+            raise ValueError(f"continue_rows takes one prompt per row: {self.batch_size} rows, {len(requests)} prompts")
+        for row, request in enumerate(requests):
+            seen = self.cache.planner.seen[row]
+            if seen >= len(request.prompt):
+                raise ValueError(
+                    f"row {row} has seen {seen} tokens but its prompt holds {len(request.prompt)}: pass the whole "
+                    "conversation so far, with at least one new token"
+                )
+
     @torch.no_grad()
-    def _run(self, queue: deque) -> Iterator[Completion]:
+    def _run(self, queue: deque, continue_rows: bool = False) -> Iterator[Completion]:
+        if continue_rows:
+            for row in range(self.batch_size):
+                yield from self._place(row, *queue.popleft(), continuing=True)
         while True:
             yield from self._refill(queue)
             active = [row for row in self._rows if row is not None]
@@ -213,26 +248,30 @@ class Engine:
             self.cache.reset_rows(full)
 
     def _refill(self, queue: deque) -> Iterator[Completion]:
-        """Give every free row the next queued request: reset it, prefill the prompt, choose the first token."""
+        """Give every free row the next queued request."""
         for row in range(self.batch_size):
             while self._rows[row] is None and queue:
-                index, request = queue.popleft()
-                first = self._start(row, request)
-                state = _Row(index, request, [first])
-                if first in request.stop_ids or request.max_new_tokens == 1:
-                    yield Completion(index, [first], True)
-                    self._finish_row(row)
-                else:
-                    self._rows[row] = state
-                    yield Completion(index, [first], False)
+                yield from self._place(row, *queue.popleft())
 
-    def _start(self, row: int, request: Request) -> int:
+    def _place(self, row: int, index: int, request: Request, continuing: bool = False) -> Iterator[Completion]:
+        """Prefill ``request`` on ``row`` (reset first unless ``continuing``) and choose its first token."""
+        first = self._start(row, request, continuing)
+        if first in request.stop_ids or request.max_new_tokens == 1:
+            yield Completion(index, [first], True)
+            self._finish_row(row)
+        else:
+            self._rows[row] = _Row(index, request, [first])
+            yield Completion(index, [first], False)
+
+    def _start(self, row: int, request: Request, continuing: bool) -> int:
         cache, buffers, model = self.cache, self.buffers, self.model
-        cache.reset_rows([row])
+        seen = cache.planner.seen[row] if continuing else 0
+        if not continuing:
+            cache.reset_rows([row])
         prompt = torch.tensor([request.prompt], device=self.device)
         chunk = self.config.prefill_chunk if self.config.compact_prompt else None
         with cache.feeding(row):
-            logits = feed(model, cache, prompt, torch.ones_like(prompt), 0, prompt.shape[1], chunk)
+            logits = feed(model, cache, prompt, torch.ones_like(prompt), seen, prompt.shape[1], chunk)
         buffers.sampling.set_row(row, request.sampling)
         buffers.steps[row] = 0
         one_row = RowSampling(*(getattr(buffers.sampling, name)[row : row + 1] for name in _SAMPLING_FIELDS))
@@ -280,13 +319,19 @@ def generate(
     *,
     streamer: Any = None,
     compile: bool = True,
+    cache: RKVCache | None = None,
+    return_cache: bool = False,
     **options: Any,
-) -> Tensor:
+) -> Tensor | tuple[Tensor, RKVCache]:
     """Decode a batch with the patched model's slot cache; returns [B, prompt + new] ids like ``model.generate``.
 
     A thin wrapper over an :class:`Engine` kept by the patched model (released by ``unpatch_model``): each row is
     generated exactly as it would be alone, without its left padding (which takes no slots). Options as for
     :meth:`Engine.generate`; rows that finish early are padded with their pad id, as transformers does.
+
+    Conversations: ``return_cache=True`` also returns the slot cache; pass it back as ``cache`` with ``input_ids``
+    holding the whole conversation so far, and each row continues from what its slots kept (the tokens the cache
+    has seen are not fed again), as ``model.generate(..., cache=cache)`` does.
     """
     record = patch_record(model)
     if not isinstance(input_ids, Tensor) or input_ids.ndim != 2:
@@ -308,14 +353,18 @@ def generate(
         longest = max(len(r.prompt) + r.max_new_tokens for r in requests)
         capacity = max(capacity, -(-longest // 128) * 128)
     outputs: list[list[int]] = [[] for _ in prompts]
+    batch = input_ids.shape[0]
     with record.lock:
-        key = (input_ids.shape[0], model.dtype, model.device, compile, capacity)
-        if key not in record.engines:
-            record.engines[key] = Engine(model, input_ids.shape[0], compile=compile, capacity=capacity)
-        engine = record.engines[key]
+        if cache is not None or return_cache:  # a conversation's own cache, never pooled
+            engine = Engine(model, batch, compile=compile, capacity=capacity, cache=cache)
+        else:
+            key = (batch, model.dtype, model.device, compile, capacity)
+            if key not in record.engines:
+                record.engines[key] = Engine(model, batch, compile=compile, capacity=capacity)
+            engine = record.engines[key]
         if streamer is not None:
             streamer.put(input_ids.cpu())
-        for event in engine.stream(prompts, **options):
+        for event in engine.stream(prompts, continue_rows=cache is not None, **options):
             outputs[event.index].extend(event.tokens)
             if streamer is not None and event.tokens:
                 streamer.put(torch.tensor(event.tokens))
@@ -326,4 +375,5 @@ def generate(
         [tokens + [request.pad_id] * (width - len(tokens)) for tokens, request in zip(outputs, requests, strict=True)],
         device=input_ids.device,
     )
-    return torch.cat([input_ids, new], dim=1)
+    output = torch.cat([input_ids, new], dim=1)
+    return (output, engine.cache) if return_cache else output

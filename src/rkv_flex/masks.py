@@ -20,19 +20,25 @@ MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
 def slot_mask_mod(
-    valid: Tensor, pos: Tensor, query_pos: Tensor, group: int, sliding_window: int | None = None
+    valid: Tensor,
+    pos: Tensor,
+    query_pos: Tensor,
+    group: int,
+    sliding_window: int | None = None,
+    rows_per_query: int = 1,
 ) -> MaskMod:
     """FlexAttention mask_mod over slot tensors ``valid``/``pos`` [B, Hkv, S] and ``query_pos`` [B, Lq].
 
     ``h`` is a query head; ``group`` query heads share one KV head. With the query group folded into the query
-    length (``group=1`` and Lq = G * L rows per KV head), ``query_pos`` holds one position per folded row. The
-    tensors are read at call time, so mutating them in place changes the mask without rebuilding anything.
+    length (``group=1``, ``h`` a KV head, and ``rows_per_query`` = G query rows per token), query row ``q_idx``
+    belongs to token ``q_idx // rows_per_query``. The tensors are read at call time, so mutating them in place
+    changes the mask without rebuilding anything.
     """
 
     def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         kv_head = h // group
         key_pos = pos[b, kv_head, kv_idx]
-        q = query_pos[b, q_idx]
+        q = query_pos[b, q_idx // rows_per_query]
         allowed = valid[b, kv_head, kv_idx] & (key_pos <= q)
         if sliding_window is not None:
             allowed = allowed & (q - key_pos < sliding_window)
