@@ -93,7 +93,8 @@ def assert_is_best_selection(scores, state, got, keep):
     for b in range(state.valid.shape[0]):
         for h in range(state.valid.shape[1]):
             kept = got[b, h].tolist()
-            assert kept == sorted(set(kept))
+            filler = [j for j in kept if not state.valid[b, h, j]]
+            assert kept == filler + sorted(set(kept) - set(filler))  # filler first, then in slot order
             assert all(j in kept for j in range(window.shape[1]) if window[b, j])
             candidates = [j for j in range(window.shape[1]) if state.valid[b, h, j] and not window[b, j]]
             kept_candidates = [j for j in candidates if j in kept]
