@@ -102,3 +102,21 @@ def write_json(name: str, payload: dict) -> Path:
     path = RESULTS / name
     path.write_text(json.dumps(payload, indent=1))
     return path
+
+
+def long_prompt(tokenizer, length: int, first: int = 0) -> torch.Tensor:
+    """Exactly ``length`` tokens [1, length] of real text: math problems one after another (from problem ``first``
+    of GSM8K then MATH-500), ending with a question about the first."""
+    from rkv_flex.bundled import load_problems
+
+    problems = load_problems("gsm8k") + load_problems("math500")
+    problems = problems[first:] + problems[:first]
+    question = tokenizer("\n\nQuestion: what is the answer to the first problem above?\nAnswer:").input_ids
+    text, ids, index = [], [], 0
+    while len(ids) < length - len(question):
+        text.append(f"Problem {index + 1}. {problems[index % len(problems)].question}\n")
+        index += 1
+        if index % 32 == 0 or len(ids) + 64 * 32 >= length:
+            ids = tokenizer("".join(text)).input_ids
+    ids = ids[: length - len(question)] + question
+    return torch.tensor([ids])

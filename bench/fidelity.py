@@ -27,10 +27,10 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import LogitsProcessorList
+from transformers import BatchEncoding, LogitsProcessorList
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, environment, write_json
+from common import RESULTS, environment, long_prompt, write_json
 
 from rkv_flex import RKVConfig, patch_model
 from rkv_flex.bundled import chat_batch, load_model, load_problems
@@ -49,7 +49,11 @@ def distinct_4gram_ratio(tokens: list[int]) -> float:
 def sample_trajectories(model, tokenizer, args):
     half = args.prompts // 2
     problems = load_problems("gsm8k", half) + load_problems("math500", args.prompts - half)
-    inputs = chat_batch(tokenizer, [p.question for p in problems])
+    if args.long_prompt:  # every row a long document of problems ending in a question, the same length: no padding
+        ids = torch.cat([long_prompt(tokenizer, args.long_prompt, first=7 * row) for row in range(args.prompts)])
+        inputs = BatchEncoding({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    else:
+        inputs = chat_batch(tokenizer, [p.question for p in problems])
     sampler = SharedNoiseSampler(
         inputs.input_ids.shape[1],
         seed=args.seed,
@@ -181,7 +185,11 @@ def markdown(result: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="local model directory or .gguf file (default: bundled SmolLM2)")
     parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument(
+        "--long-prompt", type=int, default=0, help="instead of chat questions, documents of this many tokens"
+    )
     parser.add_argument("--new-tokens", type=int, default=1024)
     parser.add_argument("--budgets", type=int, nargs="+", default=[64, 128, 256, 512])
     parser.add_argument("--policies", nargs="+", default=["rkv", "snapkv", "streaming", "h2o", "random"])
@@ -202,7 +210,7 @@ def main(argv=None) -> int:
         plot(result, RESULTS / f"{args.out}.png")
         return 0
     started = time.perf_counter()
-    model, tokenizer = load_model()
+    model, tokenizer = load_model(args.model)
     from tqdm import tqdm
 
     with torch.no_grad():

@@ -25,25 +25,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, StepClock, environment, write_json
+from common import RESULTS, StepClock, environment, long_prompt, write_json
 
 PATHS = ("stock", "rkv")
-
-
-def long_prompt(tokenizer, length: int) -> torch.Tensor:
-    """Exactly ``length`` tokens of real text: math problems one after another, ending with a question."""
-    from rkv_flex.bundled import load_problems
-
-    problems = load_problems("gsm8k") + load_problems("math500")
-    question = tokenizer("\n\nQuestion: what is the answer to the first problem above?\nAnswer:").input_ids
-    text, ids, index = [], [], 0
-    while len(ids) < length - len(question):
-        text.append(f"Problem {index + 1}. {problems[index % len(problems)].question}\n")
-        index += 1
-        if index % 32 == 0 or len(ids) + 64 * 32 >= length:
-            ids = tokenizer("".join(text)).input_ids
-    ids = ids[: length - len(question)] + question
-    return torch.tensor([ids])
 
 
 def memory_status(field: str) -> int:

@@ -49,7 +49,7 @@ def test_config_is_frozen():
 
 def test_unsupported_architecture_lists_the_supported_ones():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=64))
-    with pytest.raises(ValueError, match=r"model type 'gpt2'.*supported: llama, mistral, qwen2, qwen3"):
+    with pytest.raises(ValueError, match=r"model type .gpt2.*supported: llama, mistral, qwen2, qwen3, qwen3_moe"):
         patch_model(model, budget=16)
     with pytest.raises(ValueError, match="not patched"):
         unpatch_model(model)

@@ -21,13 +21,17 @@ from torch.nn.attention.flex_attention import flex_attention
 
 from .cache import RKVLayer
 from .compiled import compiled
-from .masks import BLOCK_SIZE, block_tables, dense_slot_mask, slot_block_mask, slot_mask_mod
+from .masks import BLOCK_SIZE, block_tables, dense_slot_mask, slot_block_mask, slot_mask_mod, slot_score_mod
 
 ATTENTION_NAME = "rkv_flex"
 
 # Keyword arguments transformers passes that do not change attention's result here.
-INERT_KWARGS = frozenset({"position_ids", "use_cache", "rkv_layer", "output_attentions", "cache_position"})
-# Handled: ``sliding_window``, which must agree with the window the cache derived for the layer.
+INERT_KWARGS = frozenset(
+    {"position_ids", "use_cache", "rkv_layer", "output_attentions", "cache_position", "output_router_logits"}
+)
+# Implemented: ``sliding_window`` (it must agree with the window the cache derived for the layer), ``softcap``
+# (logit soft-capping, Gemma 2) and ``s_aux`` (learned attention sinks, gpt-oss).
+HANDLED_KWARGS = frozenset({"sliding_window", "softcap", "s_aux"})
 
 
 def span_length(length: int) -> int:
@@ -44,13 +48,19 @@ def flex_span(
     query_pos: Tensor,
     scale: float,
     sliding_window: int | None,
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
+    sink_slot: int | None = None,
 ) -> Tensor:
     """Flex attention of many queries [B, Hq, L, D] over staged slots [B, Hkv, S, D]."""
     batch, query_heads, length, _ = query.shape
     group, slots = query_heads // key.shape[1], key.shape[2]
-    mask_mod = slot_mask_mod(valid, pos, query_pos, group, sliding_window)
+    mask_mod = slot_mask_mod(valid, pos, query_pos, group, sliding_window, sink_slot=sink_slot)
     block_mask = slot_block_mask(block_tables(batch, length, slots, query.device), mask_mod, length, slots)
-    return flex_attention(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=group > 1)
+    score_mod = slot_score_mod(softcap, sinks, sink_slot)
+    return flex_attention(
+        query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=group > 1
+    )
 
 
 compiled_flex_span = compiled(flex_span)
@@ -67,6 +77,9 @@ def flex_step(
     scale: float,
     sliding_window: int | None,
     fold_group: bool,
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
+    sink_slot: int | None = None,
 ) -> Tensor:
     """Flex decoding of one query per row [B, Hq, 1, D] over the slots, inside a traced step (a region compiled once
     and reused by every layer). ``fold_group`` reads each KV head once for its whole query group: the group becomes
@@ -76,13 +89,17 @@ def flex_step(
     group = query_heads // kv_heads
     if fold_group:
         query = query.view(batch, kv_heads, group, dim)
-        mask_mod = slot_mask_mod(valid, pos, query_pos, 1, sliding_window, rows_per_query=group)
+        mask_mod = slot_mask_mod(valid, pos, query_pos, 1, sliding_window, rows_per_query=group, sink_slot=sink_slot)
         block_mask = slot_block_mask(block_tables(batch, group, slots, query.device), mask_mod, group, slots)
-        out = flex_attention(query, key, value, block_mask=block_mask, scale=scale)
+        score_mod = slot_score_mod(softcap, sinks, sink_slot, rows_per_query=group)
+        out = flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scale)
         return out.view(batch, query_heads, 1, -1)
-    mask_mod = slot_mask_mod(valid, pos, query_pos, group, sliding_window)
+    mask_mod = slot_mask_mod(valid, pos, query_pos, group, sliding_window, sink_slot=sink_slot)
     block_mask = slot_block_mask(block_tables(batch, 1, slots, query.device), mask_mod, 1, slots)
-    return flex_attention(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=group > 1)
+    score_mod = slot_score_mod(softcap, sinks, sink_slot)
+    return flex_attention(
+        query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=group > 1
+    )
 
 
 def sdpa_step(
@@ -94,15 +111,26 @@ def sdpa_step(
     query_pos: Tensor,
     scale: float,
     sliding_window: int | None,
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
+    prefix: int | None = None,
 ) -> Tensor:
     """One query per row over the slots with fused SDPA, the query group folded into the query length. Every valid
-    slot of a decoding step holds an earlier token, so validity (and the sliding window) is the whole rule."""
+    slot of a decoding step holds an earlier token, so validity (and the sliding window) is the whole rule; when the
+    host knows the first ``prefix`` slots are exactly the valid ones (no padding ever), no mask is needed at all.
+    With soft-capping or sinks (which SDPA cannot express) the attention is written out."""
     batch, query_heads, _, dim = query.shape
     kv_heads = key.shape[1]
+    folded = query.view(batch, kv_heads, query_heads // kv_heads, dim)
+    if prefix is not None and sliding_window is None and softcap is None and sinks is None:
+        out = F.scaled_dot_product_attention(folded, key[:, :, :prefix], value[:, :, :prefix], scale=scale)
+        return out.view(batch, query_heads, 1, -1)
     allowed = valid[:, :, None, :]
     if sliding_window is not None:
         allowed = allowed & (query_pos[:, None, :, None] - pos[:, :, None, :] < sliding_window)
-    folded = query.view(batch, kv_heads, query_heads // kv_heads, dim)
+    if softcap is not None or sinks is not None:
+        allowed = allowed.repeat_interleave(query_heads // kv_heads, dim=1)
+        return dense_attention(query, key, value, allowed, scale, softcap, sinks)
     out = F.scaled_dot_product_attention(folded, key, value, attn_mask=allowed, scale=scale)
     return out.view(batch, query_heads, 1, -1)
 
@@ -116,8 +144,11 @@ def masked_sdpa(
     query_pos: Tensor,
     scale: float,
     sliding_window: int | None = None,
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
 ) -> Tensor:
-    """Exact reference: SDPA with the slot rule as a dense mask [B, Hq, L, S]. Returns [B, Hq, L, Dv].
+    """Exact reference: SDPA with the slot rule as a dense mask [B, Hq, L, S] (the attention written out when the
+    model soft-caps or has sinks). Returns [B, Hq, L, Dv].
 
     A query that may see nothing (padding before its row's first token) attends to every slot instead, so its
     (unused) output stays finite.
@@ -125,11 +156,40 @@ def masked_sdpa(
     group = query.shape[1] // key.shape[1]
     allowed = dense_slot_mask(valid, pos, query_pos, sliding_window)
     allowed = (allowed | ~allowed.any(dim=-1, keepdim=True)).repeat_interleave(group, dim=1)
+    if softcap is not None or sinks is not None:
+        return dense_attention(query, key, value, allowed, scale, softcap, sinks)
     return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scale, enable_gqa=group > 1)
 
 
+def dense_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    allowed: Tensor,
+    scale: float,
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
+) -> Tensor:
+    """Attention written out, as transformers' eager path computes it: scaled logits, soft-capped, masked by
+    ``allowed`` [B, Hq, L, S], softmaxed (in fp32) with each query head's sink logit as one more zero-valued
+    column. Returns [B, Hq, L, Dv]."""
+    group = query.shape[1] // key.shape[1]
+    keys, values = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+    scores = torch.matmul(query.float(), keys.float().transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    if sinks is not None:
+        sink = sinks.float()[None, :, None, None].expand(*scores.shape[:3], 1)
+        scores = torch.cat([scores, sink], dim=-1)
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    if sinks is not None:
+        probs = probs[..., :-1]
+    return torch.matmul(probs.to(value.dtype), values)
+
+
 def refuse_unknown(module: torch.nn.Module, kwargs: dict) -> None:
-    unknown = sorted(name for name in kwargs if name not in INERT_KWARGS and name != "sliding_window")
+    unknown = sorted(name for name in kwargs if name not in INERT_KWARGS and name not in HANDLED_KWARGS)
     if unknown:
         model_type = getattr(getattr(module, "config", None), "model_type", type(module).__name__)
         raise NotImplementedError(
@@ -168,28 +228,56 @@ def rkv_attention(
         )
     positions = kwargs["position_ids"]
     reference = layer.config.attention == "sdpa"
+    changes = dict(softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"))
+    layer.learn_score_changes(**changes)
+    sink_slot = layer.sink_slot
     if layer.incoming is None:  # one new token per row, already in the slots
         layer.observe_step(query, positions, scale)
         slots = layer.view
         if reference:
-            out = masked_sdpa(query, key, value, slots.valid, slots.pos, positions, scale, window)
+            out = masked_sdpa(query, key, value, slots.valid, slots.pos, positions, scale, window, **changes)
         elif torch.compiler.is_compiling():
-            out = flex_step(query, key, value, slots.valid, slots.pos, positions, scale, window, layer.fold_group)
+            out = flex_step(
+                query,
+                key,
+                value,
+                slots.valid,
+                slots.pos,
+                positions,
+                scale,
+                window,
+                layer.fold_group,
+                **changes,
+                sink_slot=sink_slot,
+            )
         else:
-            out = sdpa_step(query, key, value, slots.valid, slots.pos, positions, scale, window)
+            prefix = layer.dense_prefix()
+            out = sdpa_step(
+                query, key, value, slots.valid, slots.pos, positions, scale, window, **changes, prefix=prefix
+            )
         return out.transpose(1, 2).contiguous(), None
     length = query.shape[2]
     padded = span_length(length)
     staged = layer.stage(query, attention_mask, scale, padded)
     if reference:
-        staged_query, query_pos = query, positions
-        out = masked_sdpa(query, staged.keys, staged.values, staged.valid, staged.pos, positions, scale, window)
+        out = masked_sdpa(
+            query, staged.keys, staged.values, staged.valid, staged.pos, positions, scale, window, **changes
+        )
     else:
         extra = padded - length
         staged_query = torch.cat([query, query.new_zeros(*query.shape[:2], extra, query.shape[-1])], dim=2)
         query_pos = torch.cat([positions, positions.new_full((positions.shape[0], extra), -1)], dim=1)
         out = compiled_flex_span(
-            staged_query, staged.keys, staged.values, staged.valid, staged.pos, query_pos, scale, window
+            staged_query,
+            staged.keys,
+            staged.values,
+            staged.valid,
+            staged.pos,
+            query_pos,
+            scale,
+            window,
+            **changes,
+            sink_slot=sink_slot,
         )[:, :, :length]
     layer.commit(staged)
     return out.transpose(1, 2).contiguous(), None
@@ -212,7 +300,8 @@ def cache_free_attention(
     if padding is not None:
         valid &= padding[:, None, :]
     pos = position_ids[:, None, :].expand(batch, kv_heads, length)
-    return masked_sdpa(query, key, value, valid, pos, position_ids, scale, kwargs.get("sliding_window"))
+    changes = dict(softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"))
+    return masked_sdpa(query, key, value, valid, pos, position_ids, scale, kwargs.get("sliding_window"), **changes)
 
 
 def padding_mask(

@@ -32,6 +32,7 @@ class LayerSpec:
 
     query_group: int  # query heads per KV head
     sliding_window: int | None = None  # attention reaches this many positions back (None: all)
+    sinks: bool = False  # learned attention sinks: one more slot, never holding a token, carries them
 
 
 @dataclass
@@ -42,6 +43,7 @@ class SharedState:
     plan: Plan | None = None
     rows: slice = field(default_factory=lambda: slice(None))  # the rows this forward feeds (continuous batching)
     scaling: float | None = None  # the model's query scaling, learnt from the first attention call
+    padded: bool = False  # some forward carried padding: the used slots may not all be valid
 
 
 @torch.compiler.nested_compile_region
@@ -74,6 +76,8 @@ class RKVLayer(CacheLayerMixin):
         self.capacity = config.capacity
         self.slots: LayerSlots | None = None
         self.incoming: tuple[Tensor, Tensor, Tensor] | None = None  # a multi-token forward's K, V and positions
+        self.softcap: float | None = None  # the model's score changes, learnt from its attention calls
+        self.sinks: Tensor | None = None
 
     # -- allocation ---------------------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
@@ -83,7 +87,7 @@ class RKVLayer(CacheLayerMixin):
             batch,
             kv_heads,  # the heads this process holds (tensor parallelism shards them)
             kv_heads * self.spec.query_group,
-            self.capacity,
+            self.capacity + self.spec.sinks,
             self.config.window,
             key_dim,
             value_states.shape[-1],
@@ -97,7 +101,12 @@ class RKVLayer(CacheLayerMixin):
     def grow(self, capacity: int) -> None:
         self.capacity = capacity
         if self.slots is not None:
-            self.slots = self.slots.grown(capacity)
+            self.slots = self.slots.grown(capacity + self.spec.sinks)
+
+    @property
+    def sink_slot(self) -> int | None:
+        """The slot that carries the attention sinks (the last one, never holding a token), if the layer has them."""
+        return self.slots.capacity - 1 if self.spec.sinks else None
 
     @property
     def view(self) -> LayerSlots:
@@ -164,7 +173,16 @@ class RKVLayer(CacheLayerMixin):
         slots.record_queries(query, ring)
         if slots.attention_sum is not None:
             slots.attention_sum += received_attention(
-                query, slots.keys, slots.valid, slots.pos, positions, None, scaling, self.sliding_window
+                query,
+                slots.keys,
+                slots.valid,
+                slots.pos,
+                positions,
+                None,
+                scaling,
+                self.sliding_window,
+                softcap=self.softcap,
+                sinks=self.sinks,
             )
 
     def stage(self, query: Tensor, padding: Tensor | None, scaling: float, length: int) -> SlotState:
@@ -179,16 +197,27 @@ class RKVLayer(CacheLayerMixin):
         kept = min(count, self.config.window)
         ring = (plan.seen_before[0] + count - kept) % self.config.window
         slots.record_queries(query, ring)
-        if self.index == 0:  # the ring's validity is shared by all layers
+        if self.index == 0:  # shared by all layers: the ring's validity, and whether padding ever entered
             ring_slots = (ring + torch.arange(kept, device=keys.device)) % self.config.window
             counters.query_valid.index_copy_(1, ring_slots, new_valid[:, -kept:])
+            if padding is not None and not self.shared.padded:
+                self.shared.padded = not bool(padding.all())
         staged = slots.staged(
-            keys, values, positions, new_valid, length, plan.used_before[0], counters.query_valid, scaling
+            keys, values, positions, new_valid, length, plan.used_before[0], counters.query_valid, scaling, self.softcap
         )
         if staged.attention_sum is not None:  # what the real (not padding) new queries pay every slot
             staged.attention_sum.add_(
                 received_attention(
-                    query, staged.keys, staged.valid, staged.pos, positions, new_valid, scaling, self.sliding_window
+                    query,
+                    staged.keys,
+                    staged.valid,
+                    staged.pos,
+                    positions,
+                    new_valid,
+                    scaling,
+                    self.sliding_window,
+                    softcap=self.softcap,
+                    sinks=self.sinks,
                 )
             )
         return staged
@@ -208,9 +237,28 @@ class RKVLayer(CacheLayerMixin):
             slots.attention_sum[:, :, :capacity].copy_(staged.attention_sum[:, :, :capacity])
             slots.attention_sum[:, :, offset : offset + count].copy_(staged.attention_sum[:, :, new])
 
+    def dense_prefix(self) -> int | None:
+        """When the used slots are exactly the valid ones (rows in lockstep, no padding ever: then compaction never
+        keeps filler), how many there are; otherwise None. Eager decoding then needs no mask."""
+        plan = self.shared.plan
+        if self.shared.padded or not plan.in_lockstep or plan.staged:
+            return None
+        return plan.used_after[0]
+
     def _learn_scaling(self, scaling: float) -> None:
         if self.shared.scaling is None and not torch.compiler.is_compiling():
             self.shared.scaling = scaling
+
+    def learn_score_changes(self, softcap: float | None, sinks: Tensor | None) -> None:
+        """Remember the model's soft-capping and sinks, so scores see the attention the model computes."""
+        if torch.compiler.is_compiling():
+            return
+        if (sinks is not None) != self.spec.sinks:
+            raise ValueError(
+                f"layer {self.index} {'passes' if sinks is not None else 'does not pass'} attention sinks, but the "
+                "cache was built for the other case: patch a supported architecture (rkv_flex.patch_model)"
+            )
+        self.softcap, self.sinks = softcap, sinks
 
     # -- compaction ---------------------------------------------------------------------------------------------
     def compact(self, rows: Tensor | None) -> None:
@@ -218,10 +266,12 @@ class RKVLayer(CacheLayerMixin):
         moved to the front in position order."""
         slots, counters = self.slots, self.shared.counters
         window = window_mask(counters.used.to(slots.keys.device), slots.capacity, self.config.window)
-        state = slots.state(window, counters.query_valid.to(slots.keys.device), self.scaling)
+        state = slots.state(window, counters.query_valid.to(slots.keys.device), self.scaling, self.softcap)
         if rows is not None:
             state = SlotState(
-                *(None if t is None else t.index_select(0, rows) for t in _tensors(state)), scaling=state.scaling
+                *(None if t is None else t.index_select(0, rows) for t in _tensors(state)),
+                scaling=state.scaling,
+                softcap=state.softcap,
             )
         slots.keep(state, choose_kept(self.policy, self.config.budget, state), rows)
 
@@ -434,6 +484,7 @@ class RKVCache(Cache):
                 tensor.zero_()
             self.planner.reset()
         self.shared.plan = None
+        self.shared.padded = False
 
     @property
     def compactions(self) -> int:

@@ -1,9 +1,14 @@
-"""Which cached slot a query may attend: one rule, as a flex mask_mod and as a dense boolean tensor.
+"""Which cached slot a query may attend, and how a model changes attention scores, as flex mask and score mods.
 
 A query at absolute position ``qpos`` sees slot ``s`` of KV head ``h`` when the slot holds a token (``valid``),
 that token is not in its future (``pos <= qpos``) and, on sliding-window layers, not too far in its past
 (``qpos - pos < sliding_window``). Padding, per-head retention and causality all come from this one rule, whatever
 order the slots are in. Queries that are only padding of a bucket carry position -1 and see nothing.
+
+The position part of the rule is attn-gym's causal and sliding-window mask_mods, remapped from slot indices to the
+absolute positions the slots hold (as gpt-fast offsets a mask_mod); ``dense_slot_mask`` restates the rule directly,
+as the independent reference. Score changes a model makes (logit soft-capping, learned attention sinks) are
+score_mods; a sink lives in one slot that never holds a token, whose score becomes the sink's logit.
 """
 
 from __future__ import annotations
@@ -11,12 +16,25 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from attn_gym.masks import causal_mask, generate_sliding_window
+from attn_gym.mods import generate_tanh_softcap
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
 BLOCK_SIZE = 128
 
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
+
+
+def at_positions(position_mod: MaskMod, pos: Tensor, query_pos: Tensor, group: int, rows_per_query: int) -> MaskMod:
+    """A mask_mod over absolute positions (attn-gym's) as one over slots: query row -> its token's position,
+    slot -> the position of the token it holds."""
+
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return position_mod(b, h, query_pos[b, q_idx // rows_per_query], pos[b, h // group, kv_idx])
+
+    return mask_mod
 
 
 def slot_mask_mod(
@@ -26,25 +44,48 @@ def slot_mask_mod(
     group: int,
     sliding_window: int | None = None,
     rows_per_query: int = 1,
+    sink_slot: int | None = None,
 ) -> MaskMod:
     """FlexAttention mask_mod over slot tensors ``valid``/``pos`` [B, Hkv, S] and ``query_pos`` [B, Lq].
 
     ``h`` is a query head; ``group`` query heads share one KV head. With the query group folded into the query
     length (``group=1``, ``h`` a KV head, and ``rows_per_query`` = G query rows per token), query row ``q_idx``
-    belongs to token ``q_idx // rows_per_query``. The tensors are read at call time, so mutating them in place
-    changes the mask without rebuilding anything.
+    belongs to token ``q_idx // rows_per_query``. ``sink_slot``: the slot every query sees (an attention sink). The
+    tensors are read at call time, so mutating them in place changes the mask without rebuilding anything.
     """
+    # attn-gym's window counts the tokens before the query; transformers' (and this rule's) counts the query too
+    by_position = causal_mask if sliding_window is None else generate_sliding_window(sliding_window - 1)
+    position_rule = at_positions(by_position, pos, query_pos, group, rows_per_query)
 
     def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        kv_head = h // group
-        key_pos = pos[b, kv_head, kv_idx]
-        q = query_pos[b, q_idx // rows_per_query]
-        allowed = valid[b, kv_head, kv_idx] & (key_pos <= q)
-        if sliding_window is not None:
-            allowed = allowed & (q - key_pos < sliding_window)
+        allowed = valid[b, h // group, kv_idx] & position_rule(b, h, q_idx, kv_idx)
+        if sink_slot is not None:
+            allowed = allowed | (kv_idx == sink_slot)
         return allowed
 
     return mask_mod
+
+
+def slot_score_mod(
+    softcap: float | None, sinks: Tensor | None, sink_slot: int | None, rows_per_query: int = 1
+) -> ScoreMod | None:
+    """The model's score changes as a score_mod (None: none): ``softcap * tanh(score / softcap)`` (attn-gym's),
+    then the sink slot's score replaced by the query head's sink logit ``sinks`` [Hq]. With the query group folded
+    into the query length (``rows_per_query`` = G), query row ``q_idx`` of KV head ``h`` is query head
+    ``h * G + q_idx % G``."""
+    if softcap is None and sinks is None:
+        return None
+    capped = generate_tanh_softcap(softcap) if softcap is not None else None
+
+    def score_mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        if capped is not None:
+            score = capped(score, b, h, q_idx, kv_idx)
+        if sinks is not None:
+            head = h if rows_per_query == 1 else h * rows_per_query + q_idx % rows_per_query
+            score = torch.where(kv_idx == sink_slot, sinks[head].to(score.dtype), score)
+        return score
+
+    return score_mod
 
 
 def dense_slot_mask(valid: Tensor, pos: Tensor, query_pos: Tensor, sliding_window: int | None = None) -> Tensor:

@@ -22,7 +22,45 @@ from .cache import LayerSpec, RKVCache
 from .config import RKVConfig
 from .forward import feed
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+@dataclass(frozen=True)
+class Architecture:
+    """What serving one architecture takes beyond the slot rule (for the README's table; ``sinks`` also sizes the
+    cache). Everything else a model does (q/k norms, partial or interleaved RoPE, MoE feed-forward, multipliers)
+    happens before the cache or after attention, and needs nothing."""
+
+    sliding: bool = False  # some or all layers attend a sliding window: masked exactly
+    softcap: bool = False  # attention logits are soft-capped: a flex score_mod (attn-gym's)
+    sinks: bool = False  # learned per-head attention sinks: one extra zero-valued slot whose score is the sink
+    nope: bool = False  # some layers use no rotary embedding: their keys are cached as computed
+    moe: bool = False  # mixture-of-experts feed-forward: nothing for the cache to do
+
+
+ARCHITECTURES = {
+    "llama": Architecture(),
+    "mistral": Architecture(sliding=True),
+    "qwen2": Architecture(sliding=True),
+    "qwen3": Architecture(sliding=True),
+    "qwen3_moe": Architecture(sliding=True, moe=True),
+    "smollm3": Architecture(sliding=True, nope=True),
+    "phi3": Architecture(sliding=True),
+    "gpt_oss": Architecture(sliding=True, sinks=True, moe=True),
+    "olmo2": Architecture(),
+    "olmo3": Architecture(sliding=True),
+    "exaone4": Architecture(sliding=True, nope=True),
+    "seed_oss": Architecture(),
+    "glm4": Architecture(),
+    "granite": Architecture(),
+    "ministral": Architecture(sliding=True),
+    "gemma2": Architecture(sliding=True, softcap=True),
+    "gemma3_text": Architecture(sliding=True),
+}
+SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
+REFUSED = {
+    "deepseek_v2": "its multi-head latent attention caches compressed latents, not per-head keys and values",
+    "deepseek_v3": "its multi-head latent attention caches compressed latents, not per-head keys and values",
+    "gemma3": "this is the multimodal Gemma 3; load its text model, Gemma3ForCausalLM (model type gemma3_text)",
+}
 _PATCH_ATTR = "_rkv_flex_patch"
 
 
@@ -53,10 +91,18 @@ def _register() -> None:
 def _check_model(model: Any) -> None:
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
+    if model_type in REFUSED:
+        raise ValueError(f"rkv_flex cannot serve model type {model_type!r} exactly: {REFUSED[model_type]}")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
             f"rkv_flex does not support model type {model_type!r} ({type(model).__name__}); "
             f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "use_bidirectional_attention", False):
+        raise ValueError(
+            f"{model_type} with use_bidirectional_attention=True attends to later tokens, which a decoding cache "
+            "cannot serve; rkv_flex refuses it"
         )
     if not hasattr(model, "generate") or not hasattr(model, "set_attn_implementation"):
         raise ValueError(f"{type(model).__name__} is not a transformers generative model")
@@ -106,16 +152,19 @@ def unpatch_model(model: Any) -> Any:
 
 
 def layer_specs(model: Any) -> list[LayerSpec]:
-    """Per decoder layer, what the slot cache must know: query heads per KV head, sliding window."""
+    """Per decoder layer, what the slot cache must know: query heads per KV head, sliding window, sinks."""
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     group = text.num_attention_heads // text.num_key_value_heads
     window = getattr(text, "sliding_window", None)
+    if getattr(text, "use_sliding_window", True) is False:  # SmolLM3 and Qwen keep the field but switch it off
+        window = None
     types = getattr(text, "layer_types", None)
     if window is None or types is None:
         windows = [window] * text.num_hidden_layers
     else:
         windows = [window if kind == "sliding_attention" else None for kind in types]
-    return [LayerSpec(group, sliding) for sliding in windows]
+    sinks = ARCHITECTURES.get(model.config.model_type, Architecture()).sinks
+    return [LayerSpec(group, sliding, sinks) for sliding in windows]
 
 
 def make_cache(model: Any) -> RKVCache:
@@ -174,7 +223,8 @@ class PatchedGenerate:
                 )
         generation_config = kwargs.get("generation_config") or model.generation_config
         implementation = kwargs.get("cache_implementation") or generation_config.cache_implementation
-        if implementation is not None:
+        # transformers itself drops a model's default "hybrid" (Gemma's hub configs set it); anything else conflicts
+        if implementation is not None and (implementation != "hybrid" or "cache_implementation" in kwargs):
             raise ValueError(
                 f"cache_implementation={implementation!r} conflicts with rkv_flex, which supplies its own cache"
             )

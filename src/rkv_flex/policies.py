@@ -36,6 +36,7 @@ class SlotState:
     query_valid: Tensor  # [B, W] bool
     attention_sum: Tensor | None = None  # [B, Hkv, S] fp32 attention each slot received (policies that track it)
     scaling: float = 1.0  # the attention's query scaling (the model's, e.g. head_dim ** -0.5)
+    softcap: float | None = None  # the model's attention logit soft-cap (Gemma 2), if any
 
     @property
     def candidates(self) -> Tensor:
@@ -64,7 +65,7 @@ class RKV(Policy):
 
     def __call__(self, state: SlotState) -> Tensor:
         attention = importance(
-            state.queries, state.query_valid, state.keys, state.candidates, self.kernel, state.scaling
+            state.queries, state.query_valid, state.keys, state.candidates, self.kernel, state.scaling, state.softcap
         )
         if self.lam == 1.0:
             return attention
@@ -78,7 +79,9 @@ class SnapKV(Policy):
     kernel: int = 7
 
     def __call__(self, state: SlotState) -> Tensor:
-        return importance(state.queries, state.query_valid, state.keys, state.candidates, self.kernel, state.scaling)
+        return importance(
+            state.queries, state.query_valid, state.keys, state.candidates, self.kernel, state.scaling, state.softcap
+        )
 
 
 @dataclass(frozen=True)

@@ -18,16 +18,24 @@ from .masks import dense_slot_mask
 BLOCK = 256  # rows of a similarity or attention matrix computed at once
 
 
-def window_attention(queries: Tensor, query_valid: Tensor, keys: Tensor, candidates: Tensor, scaling: float) -> Tensor:
+def capped(logits: Tensor, softcap: float | None) -> Tensor:
+    """The model's logit soft-capping (Gemma 2), if any."""
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
+
+
+def window_attention(
+    queries: Tensor, query_valid: Tensor, keys: Tensor, candidates: Tensor, scaling: float, softcap: float | None = None
+) -> Tensor:
     """Mean attention [B, Hkv, S] the observation queries pay to each candidate slot (R-KV / SnapKV importance,
     before pooling).
 
-    Logits ``scaling * q . k`` are reduced over each KV head's query group by max (before the softmax), softmaxed
-    over the candidate slots only, in fp32, and averaged over the valid observation queries.
+    Logits ``scaling * q . k`` (soft-capped if the model does) are reduced over each KV head's query group by max
+    (before the softmax), softmaxed over the candidate slots only, in fp32, and averaged over the valid observation
+    queries.
     """
     group = queries.shape[1] // keys.shape[1]
     q = rearrange(queries.float(), "b (h g) w d -> b h (g w) d", g=group)
-    logits = torch.matmul(q, keys.float().transpose(-1, -2)) * scaling
+    logits = capped(torch.matmul(q, keys.float().transpose(-1, -2)) * scaling, softcap)
     logits = rearrange(logits, "b h (g w) s -> b h g w s", g=group).amax(dim=2)
     logits = logits.masked_fill(~candidates[:, :, None, :], float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a row with no candidate is all -inf
@@ -36,10 +44,16 @@ def window_attention(queries: Tensor, query_valid: Tensor, keys: Tensor, candida
 
 
 def importance(
-    queries: Tensor, query_valid: Tensor, keys: Tensor, candidates: Tensor, kernel: int, scaling: float
+    queries: Tensor,
+    query_valid: Tensor,
+    keys: Tensor,
+    candidates: Tensor,
+    kernel: int,
+    scaling: float,
+    softcap: float | None = None,
 ) -> Tensor:
     """R-KV importance I [B, Hkv, S]: window attention max-pooled (width ``kernel``) along slot order."""
-    attention = window_attention(queries, query_valid, keys, candidates, scaling)
+    attention = window_attention(queries, query_valid, keys, candidates, scaling, softcap)
     batch, heads, slots = attention.shape
     pooled = F.max_pool1d(attention.reshape(batch * heads, 1, slots), kernel, stride=1, padding=kernel // 2)
     return pooled.reshape(batch, heads, slots)
@@ -82,19 +96,26 @@ def received_attention(
     scaling: float,
     sliding_window: int | None = None,
     block: int = BLOCK,
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """Attention each slot receives [B, Hkv, S] from the queries [B, Hq, L, D] (H2O's accumulation), summed over
-    the valid queries and the query group, under the slot rule; ``block`` queries at a time."""
+    the valid queries and the query group, under the slot rule; ``block`` queries at a time. As the model computes
+    it: soft-capped logits, and each query head's sink logit [Hq] in the softmax's denominator."""
     kv_heads = keys.shape[1]
     group, length = query.shape[1] // kv_heads, query.shape[2]
     received = torch.zeros(valid.shape, dtype=torch.float32, device=keys.device)
     for start in range(0, length, block):
         rows = slice(start, min(start + block, length))
         q = rearrange(query[:, :, rows].float(), "b (h g) l d -> b h (g l) d", g=group)
-        logits = torch.matmul(q, keys.float().transpose(-1, -2)) * scaling
+        logits = capped(torch.matmul(q, keys.float().transpose(-1, -2)) * scaling, softcap)
         logits = rearrange(logits, "b h (g l) s -> b h g l s", g=group)
         allowed = dense_slot_mask(valid, pos, query_pos[:, rows], sliding_window)
-        probs = torch.softmax(logits.masked_fill(~allowed[:, :, None], float("-inf")), dim=-1).nan_to_num(0.0)
+        logits = logits.masked_fill(~allowed[:, :, None], float("-inf"))
+        if sinks is not None:  # one more column per query head, dropped after the softmax
+            sink = rearrange(sinks.float(), "(h g) -> h g", g=group)[None, :, :, None, None]
+            logits = torch.cat([logits, sink.expand(*logits.shape[:-1], 1)], dim=-1)
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)[..., : keys.shape[2]]
         if query_valid is not None:
             probs = probs * query_valid[:, None, None, rows, None]
         received += probs.sum(dim=(2, 3))

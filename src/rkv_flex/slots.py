@@ -149,7 +149,7 @@ class LayerSlots:
             self.queries.index_copy_(2, index, query[:, :, -kept:])
 
     # -- reading ------------------------------------------------------------------------------------------------
-    def state(self, window: Tensor, query_valid: Tensor, scaling: float) -> SlotState:
+    def state(self, window: Tensor, query_valid: Tensor, scaling: float, softcap: float | None = None) -> SlotState:
         """The slots as a policy sees them."""
         return SlotState(
             self.keys,
@@ -161,6 +161,7 @@ class LayerSlots:
             query_valid,
             self.attention_sum,
             scaling,
+            softcap,
         )
 
     def staged(
@@ -173,6 +174,7 @@ class LayerSlots:
         used: int,
         query_valid: Tensor,
         scaling: float,
+        softcap: float | None = None,
     ) -> SlotState:
         """The slots followed by new tokens, padded with invalid ones to ``length`` new columns (so the shapes
         attention and selection compile for come from a few buckets). ``window`` marks the newest tokens: the new
@@ -205,6 +207,7 @@ class LayerSlots:
             query_valid=query_valid,
             attention_sum=attention_sum,
             scaling=scaling,
+            softcap=softcap,
         )
 
     # -- compaction -------------------------------------------------------------------------------------------
