@@ -99,6 +99,13 @@ def _check_model(model: Any) -> None:
             f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    ranks = getattr(model, "tp_size", None) or 1
+    if text.num_key_value_heads % ranks or text.num_attention_heads % ranks:
+        raise ValueError(
+            f"this model is split over {ranks} tensor-parallel ranks, which does not divide its "
+            f"{text.num_key_value_heads} KV heads and {text.num_attention_heads} query heads: a KV head (or its query "
+            "group) would be split across ranks, and R-KV scores and keeps tokens per whole KV head"
+        )
     if getattr(text, "use_bidirectional_attention", False):
         raise ValueError(
             f"{model_type} with use_bidirectional_attention=True attends to later tokens, which a decoding cache "
