@@ -43,7 +43,9 @@ def group_of(name: str) -> str:
     return "other arithmetic" if name.startswith("aten::") else "framework (non-aten)"
 
 
-def profile_generate(model, ids, steps: int, **options) -> dict:
+def profile_generate(model, ids, steps: int, fresh_options=dict) -> dict:
+    """fresh_options() gives each generate call its keyword arguments (a patched model takes a fresh cache)."""
+
     def run(count: int) -> StepClock:
         clock = StepClock()
         model.generate(
@@ -53,7 +55,7 @@ def profile_generate(model, ids, steps: int, **options) -> dict:
             min_new_tokens=count,
             do_sample=False,
             streamer=clock,
-            **options,
+            **fresh_options(),
         )
         return clock
 
@@ -91,7 +93,7 @@ def main(argv=None) -> int:
     result = {"args": vars(args), "environment": environment(), "prompt": ids.shape[1], "layers": layers}
     result["stock"] = profile_generate(model, ids, args.steps)
     patch_model(model, budget=args.budget, buffer=args.buffer)
-    result["patched"] = profile_generate(model, ids, args.steps, cache=make_cache(model))
+    result["patched"] = profile_generate(model, ids, args.steps, lambda: {"cache": make_cache(model)})
     # one eager compaction of every layer, on slots filled by decoding
     cache = make_cache(model)
     model.generate(input_ids=ids, max_new_tokens=args.budget + args.buffer - ids.shape[1], do_sample=False, cache=cache)
