@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The prepared GPU check, for a session with a lent H200 (the device tool). bench/gpu_check.py lists its parts; each
 # writes its JSON to the folder given as soon as it ends. The device image has torch 2.11 and transformers 5.17; the
-# check needs transformers 5.24, carried as a wheel (with regex, which 5.24 needs newer). Once, here (pip reaches
-# PyPI), in the repository root:
+# check needs transformers 5.24 and attn-gym, carried as wheels (with regex, which 5.24 needs newer). Once, here
+# (pip reaches PyPI), in the repository root:
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#     -d .whl transformers==5.24.0 regex==2026.11.19
+#     -d .whl transformers==5.24.0 regex==2026.11.19 attn-gym==0.0.17
 # then, one call of about six minutes (the parts' limits add up to 12.5; a healthy run takes about half):
 #   run(command="bash bench/gpu_check.sh $OUT", carry=[".whl"], timeout_s=600)
 # and commit what comes back into bench/results/ (gpu-*.json, gpu-check.log). Rehearse here first:
