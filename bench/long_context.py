@@ -52,7 +52,7 @@ def measure(path: str, length: int, args) -> dict:
     ids = long_prompt(tokenizer, length)
     if path == "rkv":
         patch_model(model, budget=args.budget, buffer=args.buffer, prefill_chunk=args.chunk)
-    warm = long_prompt(tokenizer, 2 * args.chunk)
+    warm = long_prompt(tokenizer, 4 * args.chunk)  # every chunk shape a long prompt meets, staged ones included
     model.generate(input_ids=warm, attention_mask=torch.ones_like(warm), max_new_tokens=2, do_sample=False)
     options = {"cache": make_cache(model)} if path == "rkv" else {}
     reset_peak_memory()

@@ -5,6 +5,10 @@ The bundled SmolLM2 samples one trajectory for a GSM8K question with the full ca
 by each KV head of --layer are recorded. The heatmap shows, per head, generation progress (x) against token position
 (y): dark where the position is held.
 
+A second figure (``<out>-mask.png``) draws R-KV's retention mask at the end: for each KV head, which key positions
+each of the last 64 query positions may attend, evaluated from the flex mask_mod over the slots (the attn-gym
+causal rule remapped from slots to positions) and laid out by position.
+
     python bench/retention.py --layer 15 --budget 128
 """
 
@@ -26,8 +30,10 @@ from rkv_flex.patch import layer_specs
 from rkv_flex.replay import replay
 
 
-def retention(model, sequence: torch.Tensor, prompt: int, config: RKVConfig, layer: int, step: int) -> torch.Tensor:
-    """Bool [snapshots, kv_heads, positions]: what ``layer`` holds after each chunk."""
+def retention(
+    model, sequence: torch.Tensor, prompt: int, config: RKVConfig, layer: int, step: int
+) -> tuple[torch.Tensor, RKVCache]:
+    """Bool [snapshots, kv_heads, positions]: what ``layer`` holds after each chunk; and the cache at the end."""
     cache = RKVCache(config, layer_specs(model))
     total = sequence.shape[1]
     snapshots = []
@@ -41,7 +47,52 @@ def retention(model, sequence: torch.Tensor, prompt: int, config: RKVConfig, lay
 
     for _ in replay(model, cache, sequence, None, prompt, step=step, after_chunk=snapshot):
         pass
-    return torch.stack(snapshots)
+    return torch.stack(snapshots), cache
+
+
+def retention_mask(cache: RKVCache, layer: int, total: int, queries: int = 64) -> torch.Tensor:
+    """Bool [kv_heads, queries, total]: the key positions each of the last ``queries`` positions may attend,
+    read from the flex mask_mod over the slots and laid out by the position each slot holds."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    from rkv_flex.masks import slot_mask_mod
+
+    slots = cache.layers[layer].slots
+    kv_heads, capacity = slots.valid.shape[1:]
+    group = slots.queries.shape[1] // kv_heads
+    query_pos = torch.arange(total - queries, total)[None]
+    mask_mod = slot_mask_mod(slots.valid, slots.pos, query_pos, group)
+    by_slot = create_mask(mask_mod, 1, kv_heads * group, queries, capacity, device="cpu")[0, ::group]
+    by_position = torch.zeros(kv_heads, queries, total, dtype=torch.bool)
+    for head in range(kv_heads):
+        held = slots.valid[0, head]
+        by_position[head][:, slots.pos[0, head, held]] = by_slot[head][:, held]
+    return by_position
+
+
+def plot_mask(mask: torch.Tensor, prompt: int, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    heads, queries, total = mask.shape
+    figure, axes = plt.subplots(heads, 1, figsize=(12, 1.5 * heads + 0.8), squeeze=False)
+    for head in range(heads):
+        axis = axes[head][0]
+        axis.imshow(
+            mask[head].float(),
+            aspect="auto",
+            cmap="Greys",
+            interpolation="nearest",
+            extent=(0, total, total, total - queries),
+        )
+        axis.axvline(prompt, color="tab:red", lw=0.6)
+        axis.set(ylabel=f"KV head {head}\nquery pos")
+    axes[-1][0].set(xlabel="key position (prompt left of the red line)")
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
 
 
 def plot(maps: dict[str, torch.Tensor], prompt: int, path: Path, title: str) -> None:
@@ -90,19 +141,21 @@ def main(argv=None) -> int:
             top_p=0.95,
         )
         patch_model(model, budget=args.budget, buffer=args.buffer)
-        maps = {
-            policy: retention(
-                model,
-                sequence,
-                prompt,
-                RKVConfig(budget=args.budget, buffer=args.buffer, policy=policy),
-                args.layer,
-                args.step,
-            )
-            for policy in ("rkv", "snapkv")
-        }
+        maps, caches = {}, {}
+        for policy in ("rkv", "snapkv"):
+            config = RKVConfig(budget=args.budget, buffer=args.buffer, policy=policy)
+            maps[policy], caches[policy] = retention(model, sequence, prompt, config, args.layer, args.step)
+        mask = retention_mask(caches["rkv"], args.layer, sequence.shape[1])
     title = f"SmolLM2-135M layer {args.layer}, budget {args.budget}: positions held (prompt below the red line)"
     plot(maps, prompt, RESULTS / f"{args.out}.png", title)
+    compactions = caches["rkv"].compactions
+    plot_mask(
+        mask,
+        prompt,
+        RESULTS / f"{args.out}-mask.png",
+        f"R-KV retention mask, layer {args.layer}, budget {args.budget}, after {compactions} compactions: the key "
+        "positions each of the last 64 queries may attend",
+    )
     write_json(
         f"{args.out}.json",
         {
