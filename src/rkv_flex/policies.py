@@ -10,6 +10,7 @@ wrapped as a :class:`ScoringFunction`, whose output is checked at every compacti
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -44,15 +45,15 @@ class SlotState:
         return self.valid & ~self.window
 
 
-class Policy:
+class Policy(ABC):
     """Base of every eviction policy: ``policy(state) -> scores [B, Hkv, S]``, higher kept."""
 
     evicts: ClassVar[bool] = True
     tracks_attention: ClassVar[bool] = False
     traceable: ClassVar[bool] = True
 
-    def __call__(self, state: SlotState) -> Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def __call__(self, state: SlotState) -> Tensor: ...
 
 
 @dataclass(frozen=True)
