@@ -6,6 +6,7 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,15 @@ def write_json(name: str, payload: dict) -> Path:
     path = RESULTS / name
     path.write_text(json.dumps(payload, indent=1))
     return path
+
+
+def publish(name: str, result: dict, markdown: Callable[[dict], str], plot: Callable[[dict, Path], None]) -> None:
+    """A benchmark's results: ``<name>.json``, the table as ``<name>.md`` (also printed) and ``<name>.png``."""
+    write_json(f"{name}.json", result)
+    table = markdown(result)
+    (RESULTS / f"{name}.md").write_text(table)
+    plot(result, RESULTS / f"{name}.png")
+    print(table)
 
 
 def long_prompt(tokenizer, length: int, first: int = 0) -> torch.Tensor:

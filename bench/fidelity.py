@@ -30,7 +30,7 @@ import torch
 from transformers import BatchEncoding, LogitsProcessorList
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, environment, long_prompt, write_json
+from common import RESULTS, environment, long_prompt, publish
 
 from rkv_flex import RKVConfig, patch_model
 from rkv_flex.bundled import chat_batch, load_model, load_problems
@@ -249,10 +249,7 @@ def main(argv=None) -> int:
             measured = teacher_forced(model, config, sequences, mask, prompt, reference, sampler)
             result["sweep"].append({"lam": lam, "window": window, **summarise(*measured)})
     result["seconds"] = time.perf_counter() - started
-    write_json(f"{args.out}.json", result)
-    (RESULTS / f"{args.out}.md").write_text(markdown(result))
-    plot(result, RESULTS / f"{args.out}.png")
-    print(markdown(result))
+    publish(args.out, result, markdown, plot)
     print(f"finished in {result['seconds'] / 60:.1f} min")
     return 0
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, StepClock, environment, long_prompt, write_json
+from common import StepClock, environment, long_prompt, publish
 
 PATHS = ("stock", "rkv")
 
@@ -189,10 +189,7 @@ def main(argv=None) -> int:
     result = {"args": vars(args), "environment": environment(), "points": points}
     result["minutes"] = (time.perf_counter() - started) / 60
     result["targets"] = targets(points)
-    write_json(f"{args.out}.json", result)
-    (RESULTS / f"{args.out}.md").write_text(markdown(result))
-    plot(result, RESULTS / f"{args.out}.png")
-    print(markdown(result))
+    publish(args.out, result, markdown, plot)
     return 0
 
 

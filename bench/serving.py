@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, Shape, environment, write_json
+from common import Shape, environment, publish
 
 PATHS = ("stock-static", "hf-continuous", "rkv-static", "rkv-engine")
 
@@ -289,10 +289,7 @@ def main(argv=None) -> int:
     result = {"args": vars(args), "environment": environment(), "paths": paths, "tokens": tokens}
     result["minutes"] = (time.perf_counter() - started) / 60
     result["targets"] = targets(paths)
-    write_json(f"{args.out}.json", result)
-    (RESULTS / f"{args.out}.md").write_text(markdown(result))
-    plot(result, RESULTS / f"{args.out}.png")
-    print(markdown(result))
+    publish(args.out, result, markdown, plot)
     return 0
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, environment, write_json
+from common import environment, publish
 
 
 def prompt_ids(tokenizer) -> list[int]:
@@ -242,10 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "minutes": (time.perf_counter() - started) / 60,
     }
-    write_json(f"{args.out}.json", result)
-    (RESULTS / f"{args.out}.md").write_text(markdown(result))
-    plot(result, RESULTS / f"{args.out}.png")
-    print(markdown(result))
+    publish(args.out, result, markdown, plot)
     return 0
 
 

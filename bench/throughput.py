@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import itertools
 
-from common import RESULTS, Shape, StepClock, environment, median_ms, random_prompt, write_json
+from common import Shape, StepClock, environment, median_ms, publish, random_prompt
 
 from rkv_flex import Engine, RKVConfig, make_cache, patch_model, unpatch_model
 from rkv_flex.cli import DTYPES
@@ -462,10 +462,7 @@ def main(argv=None) -> int:
         result["D"] = part_d(model, prompt_ids, paths, shape, args) if "D" in args.parts else None
     result["minutes"] = (time.perf_counter() - started) / 60
     result["targets"] = targets(result)
-    write_json(f"{name}.json", result)
-    (RESULTS / f"{name}.md").write_text(markdown(result))
-    plot(result, RESULTS / f"{name}.png")
-    print(markdown(result))
+    publish(name, result, markdown, plot)
     return 0
 
 
