@@ -73,3 +73,26 @@ def received_attention(query, keys, allowed, scaling):
                 for j, v in logits.items():
                     out[b, h, j] += math.exp(v - top) / norm
     return out
+
+
+def select_adaptive(scores, valid, window, total, floor, ceiling):
+    """The head-adaptive rule of docs/method.md, one row at a time: each head ranks its valid slots (window first,
+    then by score, earlier slot first on ties); its first ``floor`` are kept; the remaining ``total`` minus those go
+    to the best-scored ranks below ``ceiling`` across heads."""
+    batch, heads, slots = scores.shape
+    keep = torch.zeros(batch, heads, slots, dtype=torch.bool)
+    window = window.expand(batch, heads, slots)
+    for b in range(batch):
+        ranked = {}
+        for h in range(heads):
+            real = [j for j in range(slots) if valid[b, h, j]]
+            ranked[h] = sorted(real, key=lambda j: (not window[b, h, j], -float(scores[b, h, j]), j))
+        left = total
+        for h in range(heads):
+            for j in ranked[h][:floor]:
+                keep[b, h, j] = True
+                left -= 1
+        contest = [(float(scores[b, h, j]), h, j) for h in range(heads) for j in ranked[h][floor:ceiling]]
+        for _, h, j in sorted(contest, key=lambda c: -c[0])[: max(left, 0)]:
+            keep[b, h, j] = True
+    return keep

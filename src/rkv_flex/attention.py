@@ -21,7 +21,16 @@ from torch.nn.attention.flex_attention import flex_attention
 
 from .cache import RKVLayer
 from .compiled import compiled
-from .masks import BLOCK_SIZE, block_tables, dense_slot_mask, slot_block_mask, slot_mask_mod, slot_score_mod
+from .masks import (
+    BLOCK_SIZE,
+    block_tables,
+    dense_slot_mask,
+    pooled_mask_mod,
+    segment_block_tables,
+    slot_block_mask,
+    slot_mask_mod,
+    slot_score_mod,
+)
 
 ATTENTION_NAME = "rkv_flex"
 
@@ -100,6 +109,59 @@ def flex_step(
     return flex_attention(
         query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=group > 1
     )
+
+
+@torch.compiler.nested_compile_region
+def flex_pool_step(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    valid: Tensor,
+    pos: Tensor,
+    start: Tensor,
+    end: Tensor,
+    query_pos: Tensor,
+    scale: float,
+    sliding_window: int | None,
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
+    sink_slot: int | None = None,
+) -> Tensor:
+    """:func:`flex_step` over a pooled layer (pool.py): keys [B, 1, P, D] shared by every query head, each head
+    masked to its KV head's segment ``[start, end)`` [B, Hkv] and visiting only that segment's blocks."""
+    group, slots = query.shape[1] // start.shape[1], key.shape[2]
+    mask_mod = pooled_mask_mod(valid, pos, query_pos, start, end, group, sliding_window, sink_slot)
+    tables = segment_block_tables(start, end, group, slots, sink_slot)
+    block_mask = slot_block_mask(tables, mask_mod, 1, slots)
+    score_mod = slot_score_mod(softcap, sinks, sink_slot)
+    return flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=True)
+
+
+def pool_sdpa_step(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    allowed: Tensor,
+    pos: Tensor,
+    query_pos: Tensor,
+    scale: float,
+    sliding_window: int | None,
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
+) -> Tensor:
+    """:func:`sdpa_step` over a pooled layer: keys [B, 1, P, D], ``allowed`` [B, Hkv, P] the valid slots each KV
+    head owns."""
+    batch, query_heads, _, dim = query.shape
+    kv_heads = allowed.shape[1]
+    if sliding_window is not None:
+        allowed = allowed & (query_pos[:, None, :] - pos < sliding_window)
+    if softcap is not None or sinks is not None:
+        allowed = allowed[:, :, None, :].repeat_interleave(query_heads // kv_heads, dim=1)
+        return dense_attention(query, key, value, allowed, scale, softcap, sinks)
+    folded = query.view(batch, kv_heads, query_heads // kv_heads, dim)
+    mask = allowed[:, :, None, :]
+    out = F.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.view(batch, query_heads, 1, -1)
 
 
 def sdpa_step(
@@ -231,6 +293,10 @@ def rkv_attention(
     changes = dict(softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"))
     layer.learn_score_changes(**changes)
     sink_slot = layer.sink_slot
+    if layer.incoming is None and layer.pooled:
+        layer.observe_step(query, positions, scale)
+        out = pooled_step(layer, query, key, value, positions, scale, reference, changes)
+        return out.transpose(1, 2).contiguous(), None
     if layer.incoming is None:  # one new token per row, already in the slots
         layer.observe_step(query, positions, scale)
         slots = layer.view
@@ -277,10 +343,45 @@ def rkv_attention(
             scale,
             window,
             **changes,
-            sink_slot=sink_slot,
+            sink_slot=layer.staged_sink_slot,
         )[:, :, :length]
     layer.commit(staged)
     return out.transpose(1, 2).contiguous(), None
+
+
+def pooled_step(
+    layer: RKVLayer,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    positions: Tensor,
+    scale: float,
+    reference: bool,
+    changes: dict,
+) -> Tensor:
+    """One new token per row over a pooled layer: flex (compiled), SDPA (eager), or the dense reference over each
+    head's view of the pool."""
+    pool, window = layer.view, layer.sliding_window
+    if reference:
+        view = pool.heads(layer.counters.used)
+        return masked_sdpa(query, view.keys, view.values, view.valid, view.pos, positions, scale, window, **changes)
+    if torch.compiler.is_compiling():
+        return flex_pool_step(
+            query,
+            key,
+            value,
+            pool.valid,
+            pool.pos,
+            pool.start,
+            pool.end,
+            positions,
+            scale,
+            window,
+            **changes,
+            sink_slot=layer.sink_slot,
+        )
+    allowed = pool.valid & pool.owned()
+    return pool_sdpa_step(query, key, value, allowed, pool.pos, positions, scale, window, **changes)
 
 
 def cache_free_attention(

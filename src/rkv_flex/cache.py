@@ -22,7 +22,8 @@ from .config import RKVConfig
 from .masks import window_mask
 from .planner import Plan, Planner
 from .policies import Policy, SlotState, make_policy
-from .scoring import received_attention, select_keep
+from .pool import PooledSlots
+from .scoring import received_attention, select_adaptive, select_keep
 from .slots import LayerSlots, RowCounters
 
 
@@ -59,6 +60,20 @@ def choose_kept(policy: Policy, keep: int, state: SlotState) -> Tensor:
     return select_keep(policy(state), state.valid, state.window, keep)
 
 
+@torch.compiler.nested_compile_region
+def adaptive_region(policy: Policy, total: int, floor: int, ceiling: int, state: SlotState) -> Tensor:
+    """:func:`select_region` for head-adaptive allocation."""
+    return select_adaptive(policy(state), state.valid, state.window, total, floor, ceiling)
+
+
+def choose_adaptive(policy: Policy, config: RKVConfig, state: SlotState) -> Tensor:
+    """The slots [B, Hkv, S] a pooled layer keeps: ``budget`` per KV head on average, shared out by score."""
+    sizes = (config.budget * state.keys.shape[1], config.floor_slots, config.ceiling_slots)
+    if torch.compiler.is_compiling():
+        return adaptive_region(policy, *sizes, state)
+    return select_adaptive(policy(state), state.valid, state.window, *sizes)
+
+
 class RKVLayer(CacheLayerMixin):
     """One decoder layer's slots, as a transformers cache layer."""
 
@@ -74,7 +89,8 @@ class RKVLayer(CacheLayerMixin):
         # until the GPU check (bench/gpu_check.py, part fold) shows it right and faster there.
         self.fold_group = False
         self.capacity = config.capacity
-        self.slots: LayerSlots | None = None
+        self.pooled = config.allocation == "adaptive"  # head-adaptive budgets over one pool of slots (pool.py)
+        self.slots: LayerSlots | PooledSlots | None = None
         self.incoming: tuple[Tensor, Tensor, Tensor] | None = None  # a multi-token forward's K, V and positions
         self.softcap: float | None = None  # the model's score changes, learnt from its attention calls
         self.sinks: Tensor | None = None
@@ -83,6 +99,25 @@ class RKVLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         _, kv_heads, _, key_dim = key_states.shape
         batch = self.shared.counters.used.shape[0]  # every row, also when the first forward feeds one
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+        if self.pooled:
+            self.slots = PooledSlots.allocate(
+                batch,
+                kv_heads,
+                kv_heads * self.spec.query_group,
+                self.config.budget,
+                self.config.buffer,
+                self.config.ceiling_slots,
+                self.config.window,
+                key_dim,
+                value_states.shape[-1],
+                key_states.dtype,
+                key_states.device,
+                self.policy.tracks_attention,
+                self.spec.sinks,
+            )
+            return
         self.slots = LayerSlots.allocate(
             batch,
             kv_heads,  # the heads this process holds (tensor parallelism shards them)
@@ -95,8 +130,6 @@ class RKVLayer(CacheLayerMixin):
             key_states.device,
             self.policy.tracks_attention,
         )
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.is_initialized = True
 
     def grow(self, capacity: int) -> None:
         self.capacity = capacity
@@ -109,7 +142,14 @@ class RKVLayer(CacheLayerMixin):
         return self.slots.capacity - 1 if self.spec.sinks else None
 
     @property
-    def view(self) -> LayerSlots:
+    def staged_sink_slot(self) -> int | None:
+        """The sink slot of a multi-token forward's staged slots (a pooled layer stages its per-head view)."""
+        if not self.spec.sinks:
+            return None
+        return self.slots.view_length if self.pooled else self.sink_slot
+
+    @property
+    def view(self) -> LayerSlots | PooledSlots:
         """The slots of the rows the current forward feeds."""
         rows = self.shared.rows
         return self.slots if rows == slice(None) else self.slots.narrow(rows)
@@ -171,7 +211,23 @@ class RKVLayer(CacheLayerMixin):
         else:
             ring = self.shared.plan.seen_before[0] % self.config.window
         slots.record_queries(query, ring)
-        if slots.attention_sum is not None:
+        if slots.attention_sum is not None and self.pooled:
+            heads = slots.start.shape[1]
+            every_head = (-1, heads, -1)
+            received = received_attention(
+                query,
+                slots.keys.expand(*every_head, -1),
+                slots.valid.expand(every_head) & slots.owned(),
+                slots.pos.expand(every_head),
+                positions,
+                None,
+                scaling,
+                self.sliding_window,
+                softcap=self.softcap,
+                sinks=self.sinks,
+            )
+            slots.add_attention(received)
+        elif slots.attention_sum is not None:
             slots.attention_sum += received_attention(
                 query,
                 slots.keys,
@@ -202,34 +258,53 @@ class RKVLayer(CacheLayerMixin):
             counters.query_valid.index_copy_(1, ring_slots, new_valid[:, -kept:])
             if padding is not None and not self.shared.padded:
                 self.shared.padded = not bool(padding.all())
-        staged = slots.staged(
-            keys, values, positions, new_valid, length, plan.used_before[0], counters.query_valid, scaling, self.softcap
-        )
+        used: int | Tensor = plan.used_before[0]
+        if self.pooled:  # stage each head's view of the pool
+            used_before = torch.full((batch,), used, dtype=torch.long, device=keys.device)
+            used, slots = slots.occupancy(used_before), slots.heads(used_before)
+        query_valid = counters.query_valid
+        staged = slots.staged(keys, values, positions, new_valid, length, used, query_valid, scaling, self.softcap)
         if staged.attention_sum is not None:  # what the real (not padding) new queries pay every slot
-            staged.attention_sum.add_(
-                received_attention(
-                    query,
-                    staged.keys,
-                    staged.valid,
-                    staged.pos,
-                    positions,
-                    new_valid,
-                    scaling,
-                    self.sliding_window,
-                    softcap=self.softcap,
-                    sinks=self.sinks,
-                )
+            received = received_attention(
+                query,
+                staged.keys,
+                staged.valid,
+                staged.pos,
+                positions,
+                new_valid,
+                scaling,
+                self.sliding_window,
+                softcap=self.softcap,
+                sinks=self.sinks,
             )
+            staged.attention_sum.add_(received)
+            if self.pooled and not plan.staged:  # the kept slots' share goes straight to the pool
+                self.view.add_view_attention(used_before, received)
         return staged
 
     def commit(self, staged: SlotState) -> None:
         """After a multi-token forward's attention: append its tokens, or keep ``budget`` of the staged slots."""
         plan, slots = self.shared.plan, self.view
+        if plan.staged and self.pooled:
+            slots.repack(staged, choose_adaptive(self.policy, self.config, staged))
+            return
         if plan.staged:
             slots.keep(staged, choose_kept(self.policy, self.config.budget, staged))
             return
-        capacity, count, offset = slots.capacity, plan.length, plan.offset
+        count, offset = plan.length, plan.offset
+        capacity = slots.view_length + self.spec.sinks if self.pooled else slots.capacity
         new = slice(capacity, capacity + count)
+        if self.pooled:
+            attention = None if staged.attention_sum is None else staged.attention_sum[:, :, new]
+            slots.append(
+                staged.keys[:, :, new],
+                staged.values[:, :, new],
+                staged.pos[:, 0, new],
+                staged.valid[:, 0, new],
+                offset,
+                attention,
+            )
+            return
         slots.append(
             staged.keys[:, :, new], staged.values[:, :, new], staged.pos[:, 0, new], staged.valid[:, 0, new], offset
         )
@@ -241,7 +316,7 @@ class RKVLayer(CacheLayerMixin):
         """When the used slots are exactly the valid ones (rows in lockstep, no padding ever: then compaction never
         keeps filler), how many there are; otherwise None. Eager decoding then needs no mask."""
         plan = self.shared.plan
-        if self.shared.padded or not plan.in_lockstep or plan.staged:
+        if self.pooled or self.shared.padded or not plan.in_lockstep or plan.staged:
             return None
         return plan.used_after[0]
 
@@ -265,15 +340,26 @@ class RKVLayer(CacheLayerMixin):
         """Keep ``budget`` of the used slots of ``rows`` (None: every row): the window's plus the policy's best,
         moved to the front in position order."""
         slots, counters = self.slots, self.shared.counters
-        window = window_mask(counters.used.to(slots.keys.device), slots.capacity, self.config.window)
-        state = slots.state(window, counters.query_valid.to(slots.keys.device), self.scaling, self.softcap)
+        used = counters.used.to(slots.keys.device)
+        if self.pooled:
+            held = slots.occupancy(used)[..., None]
+            view = slots.heads(used)
+            slot = torch.arange(view.capacity, device=used.device)
+            window = (slot >= held - self.config.window) & (slot < held)
+            state = view.state(window, counters.query_valid.to(used.device), self.scaling, self.softcap)
+        else:
+            window = window_mask(used, slots.capacity, self.config.window)
+            state = slots.state(window, counters.query_valid.to(used.device), self.scaling, self.softcap)
         if rows is not None:
             state = SlotState(
                 *(None if t is None else t.index_select(0, rows) for t in _tensors(state)),
                 scaling=state.scaling,
                 softcap=state.softcap,
             )
-        slots.keep(state, choose_kept(self.policy, self.config.budget, state), rows)
+        if self.pooled:
+            slots.repack(state, choose_adaptive(self.policy, self.config, state), rows)
+        else:
+            slots.keep(state, choose_kept(self.policy, self.config.budget, state), rows)
 
     # -- bookkeeping --------------------------------------------------------------------------------------------
     def get_seq_length(self) -> int:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 POLICY_NAMES = ("rkv", "snapkv", "streaming", "h2o", "random", "full")
 ATTENTION_BACKENDS = ("flex", "sdpa")
+ALLOCATIONS = ("uniform", "adaptive")
+# Policies whose scores rank positions the same way in every head: nothing for an adaptive allocation to go by.
+HEAD_BLIND_POLICIES = ("streaming", "full")
 
 
 def _require_int(name: str, value: Any, minimum: int) -> None:
@@ -40,6 +44,11 @@ class RKVConfig:
         sinks: first tokens the "streaming" policy always keeps (attention sinks).
         attention: "flex" (compiled FlexAttention for decoding) or "sdpa" (exact dense-mask reference).
         seed: seed of the "random" policy's per-token priorities.
+        allocation: "uniform" (every KV head keeps ``budget``) or "adaptive" (each layer keeps ``budget`` x its KV
+            heads in total, shared out by score across heads; the same memory, see docs/method.md).
+        head_floor: adaptive: every head keeps at least this fraction of ``budget`` (and at least its window).
+        head_ceiling: adaptive: no head keeps more than this multiple of ``budget`` (it bounds the per-head view
+            that compaction scores, so compaction costs at most this much more than uniform's).
     """
 
     budget: int
@@ -54,6 +63,9 @@ class RKVConfig:
     sinks: int = 4
     attention: str = "flex"
     seed: int = 0
+    allocation: str = "uniform"
+    head_floor: float = 0.2
+    head_ceiling: float = 2.0
 
     def __post_init__(self) -> None:
         _require_int("budget", self.budget, 1)
@@ -71,7 +83,7 @@ class RKVConfig:
             )
         if self.kernel % 2 == 0:
             raise ValueError(f"RKVConfig.kernel must be a positive odd number, got {self.kernel}")
-        for name in ("lam", "threshold"):
+        for name in ("lam", "threshold", "head_floor", "head_ceiling"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"RKVConfig.{name} must be a number, got {type(value).__name__} {value!r}")
@@ -91,10 +103,31 @@ class RKVConfig:
             raise ValueError(
                 f"RKVConfig.sinks ({self.sinks}) + window ({self.window}) must fit in budget ({self.budget})"
             )
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"RKVConfig.allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        if not 0.0 <= self.head_floor <= 1.0:
+            raise ValueError(f"RKVConfig.head_floor (a fraction of budget) must be in [0, 1], got {self.head_floor}")
+        if self.head_ceiling < 1.0:
+            raise ValueError(f"RKVConfig.head_ceiling (a multiple of budget) must be >= 1, got {self.head_ceiling}")
+        if self.allocation == "adaptive" and self.policy in HEAD_BLIND_POLICIES:
+            raise ValueError(
+                f"RKVConfig.allocation='adaptive' needs scores that differ between heads; policy {self.policy!r} "
+                "ranks positions the same way in every head (use allocation='uniform')"
+            )
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(f"RKVConfig.attention must be one of {ATTENTION_BACKENDS}, got {self.attention!r}")
         if not isinstance(self.compact_prompt, bool):
             raise TypeError(f"RKVConfig.compact_prompt must be a bool, got {self.compact_prompt!r}")
+
+    @property
+    def floor_slots(self) -> int:
+        """Adaptive: the fewest slots a head keeps."""
+        return max(self.window, math.ceil(self.head_floor * self.budget))
+
+    @property
+    def ceiling_slots(self) -> int:
+        """Adaptive: the most slots a head keeps."""
+        return max(self.budget, math.floor(self.head_ceiling * self.budget))
 
     @property
     def capacity(self) -> int:

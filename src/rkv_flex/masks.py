@@ -131,3 +131,52 @@ def slot_block_mask(tables: tuple[Tensor, ...], mask_mod: MaskMod, query_length:
         seq_lengths=(query_length, kv_length),
         compute_q_blocks=False,
     )
+
+
+def pooled_mask_mod(
+    valid: Tensor,
+    pos: Tensor,
+    query_pos: Tensor,
+    start: Tensor,
+    end: Tensor,
+    group: int,
+    sliding_window: int | None = None,
+    sink_slot: int | None = None,
+) -> MaskMod:
+    """The slot rule over a pool shared by all KV heads (``valid``/``pos`` [B, 1, P]): query head ``h`` sees only
+    the slots its KV head ``h // group`` owns, ``[start, end)`` [B, Hkv], and the sink slot if any."""
+    within_pool = slot_mask_mod(valid, pos, query_pos, group=start.shape[1] * group, sliding_window=sliding_window)
+
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        head = h // group
+        owned = (kv_idx >= start[b, head]) & (kv_idx < end[b, head])
+        allowed = within_pool(b, h, q_idx, kv_idx) & owned
+        if sink_slot is not None:
+            allowed = allowed | (kv_idx == sink_slot)
+        return allowed
+
+    return mask_mod
+
+
+def segment_block_tables(
+    start: Tensor, end: Tensor, group: int, kv_length: int, sink_slot: int | None = None
+) -> tuple[Tensor, ...]:
+    """Block tables [B, Hq, 1, ...] for one query per row over a pool: each query head visits only the blocks of its
+    KV head's segment ``[start, end)`` [B, Hkv] (and the sink slot's block), so its cost follows its own slots."""
+    kv_blocks = -(-kv_length // BLOCK_SIZE)
+    first = (start // BLOCK_SIZE).repeat_interleave(group, dim=1)
+    last = ((end - 1) // BLOCK_SIZE).repeat_interleave(group, dim=1)
+    count = last - first + 1
+    step = torch.arange(kv_blocks, device=start.device)
+    indices = (first[..., None] + step).clamp(max=kv_blocks - 1)
+    if sink_slot is not None:  # one more block: the sink's, unless the segment reaches it
+        sink_block = sink_slot // BLOCK_SIZE
+        indices = torch.where(step == count[..., None], sink_block, indices)
+        count = count + (last < sink_block).long()
+    shape = (*start.shape[:1], first.shape[1], 1)
+    return (
+        count.to(torch.int32).view(shape),
+        indices.to(torch.int32).view(*shape, kv_blocks),
+        torch.zeros(shape, dtype=torch.int32, device=start.device),
+        torch.zeros((*shape, kv_blocks), dtype=torch.int32, device=start.device),
+    )

@@ -130,3 +130,26 @@ def select_keep(scores: Tensor, valid: Tensor, window: Tensor, keep: int) -> Ten
     kept = ranked.topk(keep, dim=-1, sorted=False).indices
     order = kept + valid.gather(-1, kept) * valid.shape[-1]  # invalid ones first, each group in slot order
     return kept.gather(-1, order.argsort(dim=-1))
+
+
+def select_adaptive(scores: Tensor, valid: Tensor, window: Tensor, total: int, floor: int, ceiling: int) -> Tensor:
+    """Head-adaptive selection (AdaKV's allocation): a mask [B, Hkv, S] of the slots one layer keeps, ``total``
+    over its KV heads per row.
+
+    Each head keeps its ``window`` slots and, with them, its ``floor`` best-scored valid slots; no head keeps more
+    than ``ceiling``; the rest of ``total`` goes to the best scores across the layer's heads. The scores of the
+    built-in policies are comparable across heads as they are: each is a share of a unit mass of its head
+    (importance a distribution over the head's candidates, redundancy a softmax over its slots, H2O sums of
+    attention distributions). Fewer valid slots than ``total`` are all kept.
+    """
+    batch, heads, slots = scores.shape
+    ranked = scores.float().masked_fill(~valid, float("-inf")).masked_fill(window & valid, float("inf"))
+    ordered, order = ranked.sort(dim=-1, descending=True, stable=True)
+    rank = torch.arange(slots, device=scores.device)
+    real = ordered > float("-inf")
+    priority = torch.where((rank < floor) & real, float("inf"), ordered)
+    priority = priority.masked_fill(rank >= ceiling, float("-inf"))
+    flat = priority.flatten(1)
+    best = flat.topk(min(total, flat.shape[1]), dim=-1, sorted=False)
+    chosen = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, best.indices, best.values > float("-inf"))
+    return torch.zeros_like(valid).scatter_(-1, order, chosen.view(batch, heads, slots))

@@ -26,6 +26,22 @@ def static(tensor: Tensor) -> Tensor:
     return tensor
 
 
+def record_queries(ring_buffer: Tensor, query: Tensor, ring: int | Tensor) -> None:
+    """Keep the last ``min(L, W)`` queries [B, Hq, L, D] in the ring [B, Hq, W, D], the first at index ``ring``: a
+    host int (rows in lockstep) or a [B] tensor (one query per row)."""
+    window = ring_buffer.shape[2]
+    if isinstance(ring, Tensor):
+        at = ring.view(-1, 1, 1, 1).expand(-1, query.shape[1], 1, query.shape[-1])
+        ring_buffer.scatter_(2, at, query[:, :, -1:])
+        return
+    kept = min(query.shape[2], window)
+    if ring + kept <= window:
+        ring_buffer[:, :, ring : ring + kept].copy_(query[:, :, -kept:])
+    else:
+        index = torch.arange(ring, ring + kept, device=query.device) % window
+        ring_buffer.index_copy_(2, index, query[:, :, -kept:])
+
+
 @dataclass
 class RowCounters:
     """Per-row state shared by all layers: every layer holds the same tokens' count."""
@@ -134,19 +150,7 @@ class LayerSlots:
             self.attention_sum.scatter_(2, at, 0.0)
 
     def record_queries(self, query: Tensor, ring: int | Tensor) -> None:
-        """Keep the last ``min(L, W)`` queries [B, Hq, L, D] in the ring, the first at index ``ring``: a host int
-        (rows in lockstep) or a [B] tensor (one query per row)."""
-        window = self.queries.shape[2]
-        if isinstance(ring, Tensor):
-            at = ring.view(-1, 1, 1, 1).expand(-1, query.shape[1], 1, query.shape[-1])
-            self.queries.scatter_(2, at, query[:, :, -1:])
-            return
-        kept = min(query.shape[2], window)
-        if ring + kept <= window:
-            self.queries[:, :, ring : ring + kept].copy_(query[:, :, -kept:])
-        else:
-            index = torch.arange(ring, ring + kept, device=query.device) % window
-            self.queries.index_copy_(2, index, query[:, :, -kept:])
+        record_queries(self.queries, query, ring)
 
     # -- reading ------------------------------------------------------------------------------------------------
     def state(self, window: Tensor, query_valid: Tensor, scaling: float, softcap: float | None = None) -> SlotState:
@@ -171,14 +175,15 @@ class LayerSlots:
         positions: Tensor,
         new_valid: Tensor,
         length: int,
-        used: int,
+        used: int | Tensor,
         query_valid: Tensor,
         scaling: float,
         softcap: float | None = None,
     ) -> SlotState:
         """The slots followed by new tokens, padded with invalid ones to ``length`` new columns (so the shapes
         attention and selection compile for come from a few buckets). ``window`` marks the newest tokens: the new
-        ones, and when they are fewer than the window, the newest of the ``used`` slots too."""
+        ones, and when they are fewer than the window, the newest of the ``used`` slots too (``used``: a host int, or
+        [B, Hkv] per row and head)."""
         batch, kv_heads, count = keys.shape[:3]
         pad = length - count
 
@@ -196,13 +201,19 @@ class LayerSlots:
         slot = torch.arange(total, device=keys.device)
         newest = self.capacity + count
         in_window = (slot >= max(newest - window, self.capacity)) & (slot < newest)
-        in_window |= (slot >= used - (window - count)) & (slot < min(used, self.capacity))
+        if isinstance(used, Tensor):  # per row and head [B, Hkv] (a pooled layer's per-head view)
+            used = used[..., None]
+            in_window = in_window | ((slot >= used - (window - count)) & (slot < used.clamp(max=self.capacity)))
+            window_shape = in_window.shape
+        else:
+            in_window |= (slot >= used - (window - count)) & (slot < min(used, self.capacity))
+            window_shape = (batch, 1, total)
         return SlotState(
             keys=joined(self.keys, keys, 0.0),
             values=joined(self.values, values, 0.0),
             valid=joined(self.valid, valid, False),
             pos=joined(self.pos, new_pos, -1),
-            window=in_window.expand(batch, 1, total),
+            window=in_window.expand(window_shape),
             queries=self.queries,
             query_valid=query_valid,
             attention_sum=attention_sum,

@@ -1,0 +1,273 @@
+"""Pooled slot storage for head-adaptive budgets: all KV heads of one layer share one pool of slots per row.
+
+Head ``h`` of a row owns the contiguous segment ``[start[h], start[h] + kept[h] + buffer)`` of the pool: the
+``kept[h]`` slots it kept at the last compaction, then room for the ``buffer`` tokens decoded before the next one.
+The pool holds ``kv_heads * (budget + buffer)`` slots (plus one sink slot, never holding a token, on models with
+attention sinks): the uniform layout's bytes, however the heads split them. Before the first compaction every head
+owns ``budget + buffer`` slots in head order, as in the uniform layout.
+
+Decoding reads the pool in place (attention masks each query head to its KV head's segment); compaction and
+multi-token forwards work on a per-head view gathered from it (:meth:`PooledSlots.heads`, a temporary of at most
+``ceiling + buffer`` slots per head) and write the kept slots back with :meth:`PooledSlots.repack`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .policies import SlotState
+from .slots import LayerSlots, record_queries, static
+
+
+class PooledSlots:
+    """One layer's pool: ``keys`` [B, 1, P, D], ``values`` [B, 1, P, Dv], ``valid``/``pos`` [B, 1, P], the query ring
+    ``queries`` [B, Hq, W, D], ``attention_sum`` [B, 1, P] (policies that track it) and the segments ``start`` /
+    ``kept`` [B, Hkv]."""
+
+    def __init__(
+        self,
+        keys: Tensor,
+        values: Tensor,
+        valid: Tensor,
+        pos: Tensor,
+        queries: Tensor,
+        attention_sum: Tensor | None,
+        start: Tensor,
+        kept: Tensor,
+        budget: int,
+        buffer: int,
+        view_length: int,
+        sinks: bool,
+    ):
+        self.keys, self.values, self.valid, self.pos = keys, values, valid, pos
+        self.queries, self.attention_sum, self.start, self.kept = queries, attention_sum, start, kept
+        self.budget, self.buffer, self.view_length, self.sinks = budget, buffer, view_length, sinks
+
+    @classmethod
+    def allocate(
+        cls,
+        batch: int,
+        kv_heads: int,
+        query_heads: int,
+        budget: int,
+        buffer: int,
+        ceiling: int,
+        window: int,
+        key_dim: int,
+        value_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        tracks_attention: bool,
+        sinks: bool,
+    ) -> PooledSlots:
+        slots = (batch, 1, kv_heads * (budget + buffer) + sinks)
+        pool = cls(
+            keys=static(torch.zeros(*slots, key_dim, dtype=dtype, device=device)),
+            values=static(torch.zeros(*slots, value_dim, dtype=dtype, device=device)),
+            valid=static(torch.zeros(slots, dtype=torch.bool, device=device)),
+            pos=static(torch.zeros(slots, dtype=torch.long, device=device)),
+            queries=static(torch.zeros(batch, query_heads, window, key_dim, dtype=dtype, device=device)),
+            attention_sum=static(torch.zeros(slots, dtype=torch.float32, device=device)) if tracks_attention else None,
+            start=static(torch.zeros(batch, kv_heads, dtype=torch.long, device=device)),
+            kept=static(torch.zeros(batch, kv_heads, dtype=torch.long, device=device)),
+            budget=budget,
+            buffer=buffer,
+            view_length=ceiling + buffer,
+            sinks=sinks,
+        )
+        pool.reset()
+        return pool
+
+    @property
+    def capacity(self) -> int:
+        """Slots in the pool, the sink slot included (it is the last)."""
+        return self.keys.shape[2]
+
+    @property
+    def pooled(self) -> int:
+        """Slots that can hold tokens."""
+        return self.capacity - self.sinks
+
+    @property
+    def kv_heads(self) -> int:
+        return self.start.shape[1]
+
+    def tensors(self) -> dict[str, Tensor | None]:
+        return {
+            "keys": self.keys,
+            "values": self.values,
+            "valid": self.valid,
+            "pos": self.pos,
+            "queries": self.queries,
+            "attention_sum": self.attention_sum,
+            "start": self.start,
+            "kept": self.kept,
+        }
+
+    def _with(self, tensors: dict[str, Tensor | None]) -> PooledSlots:
+        return PooledSlots(
+            **tensors, budget=self.budget, buffer=self.buffer, view_length=self.view_length, sinks=self.sinks
+        )
+
+    def narrow(self, rows: slice) -> PooledSlots:
+        """A view of some rows: writes through it land in this pool."""
+        return self._with({name: None if t is None else t[rows] for name, t in self.tensors().items()})
+
+    # -- where each head's tokens are ----------------------------------------------------------------------------
+    @property
+    def end(self) -> Tensor:
+        """[B, Hkv]: one past the last slot each head owns."""
+        return self.start + self.kept + self.buffer
+
+    def owned(self) -> Tensor:
+        """[B, Hkv, P]: the pool slots each KV head owns."""
+        slot = torch.arange(self.capacity, device=self.start.device)
+        return (slot >= self.start[..., None]) & (slot < self.end[..., None])
+
+    def occupancy(self, used: Tensor) -> Tensor:
+        """[B, Hkv]: slots each head holds when its row has ``used`` [B] slots by the uniform count (every head
+        appended ``used - budget`` tokens since it kept ``kept``)."""
+        return self.kept + used[:, None] - self.budget
+
+    # -- writing ------------------------------------------------------------------------------------------------
+    def append(
+        self,
+        keys: Tensor,
+        values: Tensor,
+        positions: Tensor,
+        new_valid: Tensor | None,
+        offset: int,
+        attention: Tensor | None = None,
+    ) -> None:
+        """Write L new tokens of every row and head [B, Hkv, L, D] after ``offset`` slots by the uniform count, with
+        the attention they already received [B, Hkv, L] (tracked policies; default none)."""
+        batch, heads, length = keys.shape[:3]
+        step = torch.arange(length, device=keys.device)
+        at = ((self.start + self.kept - self.budget)[..., None] + offset + step).flatten(1)
+        valid = torch.ones(batch, length, dtype=torch.bool, device=keys.device) if new_valid is None else new_valid
+        self._scatter(at, keys.flatten(1, 2), values.flatten(1, 2), positions, valid, heads)
+        if attention is not None and self.attention_sum is not None:
+            self.attention_sum[:, 0].scatter_(1, at, attention.flatten(1))
+
+    def append_rows(self, keys: Tensor, values: Tensor, positions: Tensor, slot: Tensor) -> None:
+        """Write one new token per row and head [B, Hkv, 1, D] at the row's uniform slot ``slot`` [B]."""
+        heads = keys.shape[1]
+        at = self.start + self.kept - self.budget + slot[:, None]
+        valid = torch.ones_like(positions, dtype=torch.bool)
+        self._scatter(at, keys[:, :, 0], values[:, :, 0], positions, valid, heads)
+
+    def _scatter(self, at: Tensor, keys: Tensor, values: Tensor, positions: Tensor, valid: Tensor, heads: int) -> None:
+        """Tokens [B, N, D] to pool slots ``at`` [B, N] (N = heads x tokens, head-major); ``positions`` and
+        ``valid`` [B, tokens] are the same for every head."""
+        self.keys[:, 0].scatter_(1, at[..., None].expand(-1, -1, keys.shape[-1]), keys)
+        self.values[:, 0].scatter_(1, at[..., None].expand(-1, -1, values.shape[-1]), values)
+        self.pos[:, 0].scatter_(1, at, positions.repeat(1, heads))
+        self.valid[:, 0].scatter_(1, at, valid.repeat(1, heads))
+        if self.attention_sum is not None:
+            self.attention_sum[:, 0].scatter_(1, at, 0.0)
+
+    def record_queries(self, query: Tensor, ring: int | Tensor) -> None:
+        record_queries(self.queries, query, ring)
+
+    def add_attention(self, received: Tensor) -> None:
+        """Accumulate attention received [B, Hkv, P] by each head's own slots."""
+        self.attention_sum += (received * self.owned()).sum(dim=1, keepdim=True)
+
+    # -- the per-head view ---------------------------------------------------------------------------------------
+    def sources(self, used: Tensor) -> tuple[Tensor, Tensor]:
+        """Where the per-head view reads from: pool slot [B, Hkv, V] of each view slot, and whether the head holds a
+        token there [B, Hkv, V] (V = ``view_length``)."""
+        index = torch.arange(self.view_length, device=self.start.device)
+        source = (self.start[..., None] + index).clamp(max=self.pooled - 1)
+        return source, index < self.occupancy(used)[..., None]
+
+    def heads(self, used: Tensor) -> LayerSlots:
+        """Each head's slots in order [B, Hkv, V (+1 sink slot)], as the uniform layout holds them: what scoring,
+        staging and the dense reference read. ``used`` [B]: the rows' uniform slot counts."""
+        source, held = self.sources(used)
+        batch, heads, length = source.shape
+        flat = source.flatten(1)
+
+        def gathered(tensor: Tensor | None) -> Tensor | None:
+            if tensor is None:
+                return None
+            pool = tensor[:, 0]
+            index = flat.view(*flat.shape, *(1,) * (pool.dim() - 2)).expand(-1, -1, *pool.shape[2:])
+            view = pool.gather(1, index).view(batch, heads, length, *pool.shape[2:])
+            if self.sinks:  # the sink slot, last, as in the uniform layout
+                view = torch.cat([view, view.new_zeros(batch, heads, 1, *pool.shape[2:])], dim=2)
+            return view
+
+        valid = gathered(self.valid)
+        valid[:, :, :length] &= held
+        return LayerSlots(
+            keys=gathered(self.keys),
+            values=gathered(self.values),
+            valid=valid,
+            pos=gathered(self.pos),
+            queries=self.queries,
+            attention_sum=gathered(self.attention_sum),
+        )
+
+    def add_view_attention(self, used: Tensor, received: Tensor) -> None:
+        """Accumulate attention received [B, Hkv, V] by the slots of the per-head view at ``used``."""
+        source, held = self.sources(used)
+        self.attention_sum[:, 0].scatter_add_(1, source.flatten(1), (received[:, :, : held.shape[2]] * held).flatten(1))
+
+    # -- compaction ---------------------------------------------------------------------------------------------
+    def repack(self, source: SlotState, keep: Tensor, rows: Tensor | None = None) -> None:
+        """Keep the slots ``keep`` [B', Hkv, S] of the per-head ``source`` [B', Hkv, S]: each head's kept slots
+        become its segment's first ones (in order), followed by ``buffer`` free slots; ``rows`` [B'] says which rows
+        ``source`` holds (None: all)."""
+        length = keep.shape[-1]
+        kept = keep.sum(dim=-1)
+        segment = kept + self.buffer
+        start = segment.cumsum(dim=-1) - segment
+        index = torch.arange(length, device=keep.device)
+        order = torch.where(keep, index, length + index).argsort(dim=-1)  # kept slots first, in order
+        slot = torch.arange(self.pooled, device=keep.device)
+        owner = (slot >= start[..., None]).sum(dim=1) - 1  # [B', P]
+        offset = slot - start.gather(1, owner)
+        taken = offset < kept.gather(1, owner)
+        picked = order.flatten(1).gather(1, owner * length + offset.clamp(max=length - 1))
+        flat = owner * length + picked  # [B', P] into the source's [B', Hkv * S]
+
+        def packed(tensor: Tensor) -> Tensor:
+            values = tensor.flatten(1, 2)
+            index = flat.view(*flat.shape, *(1,) * (values.dim() - 2)).expand(-1, -1, *values.shape[2:])
+            return values.gather(1, index)
+
+        updates = {"keys": packed(source.keys), "values": packed(source.values), "pos": packed(source.pos)}
+        updates["valid"] = taken
+        if self.attention_sum is not None:
+            updates["attention_sum"] = packed(source.attention_sum) * taken
+        for name, front in updates.items():
+            tensor = getattr(self, name)
+            if rows is None:
+                tensor[:, 0, : self.pooled].copy_(front)
+                continue
+            whole = tensor.index_select(0, rows)
+            whole[:, 0, : self.pooled] = front
+            tensor.index_copy_(0, rows, whole)
+        for tensor, value in ((self.start, start), (self.kept, kept)):
+            if rows is None:
+                tensor.copy_(value)
+            else:
+                tensor.index_copy_(0, rows, value)
+
+    # -- whole-buffer changes -----------------------------------------------------------------------------------
+    def reorder(self, index: Tensor) -> None:
+        """Row ``i`` takes the state of row ``index[i]`` (beam search)."""
+        for tensor in self.tensors().values():
+            if tensor is not None:
+                tensor.copy_(tensor.index_select(0, index))
+
+    def reset(self, rows: slice = slice(None)) -> None:
+        """Forget what some rows hold: every head back to its uniform segment."""
+        self.valid[rows] = False
+        if self.attention_sum is not None:
+            self.attention_sum[rows] = 0.0
+        head = torch.arange(self.kv_heads, device=self.start.device)
+        self.start[rows] = head * (self.budget + self.buffer)
+        self.kept[rows] = self.budget
