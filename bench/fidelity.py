@@ -12,9 +12,14 @@
    its full-cache trajectory. With shared noise that is exactly the first position where the policy's own draw
    from its teacher-forced logits misses the trajectory's token (tests/test_replay.py checks it against real
    free-running generation), so it costs no extra decoding.
-4. A lam / window sweep of R-KV at one budget.
+4. A lam / window sweep of R-KV at one budget, with each allocation.
 
-    python bench/fidelity.py    # default: 8 prompts x 1024 tokens, budgets 64-512 (2 CPU cores: 20-23 min)
+A policy label ``NAME+adaptive`` runs the policy with head-adaptive budgets (RKVConfig.allocation="adaptive"); its
+results also record how unevenly the heads shared the budget at the end (kept slots per head / budget, min and max
+over layers, heads and rows).
+
+    python bench/fidelity.py    # default: 8 prompts x 1024 tokens, budgets 64-512
+    python bench/fidelity.py --prompts 2 --new-tokens 4096 --budgets 128 256 512 1024 --out fidelity-smollm2-4k
 """
 
 from __future__ import annotations
@@ -79,9 +84,24 @@ def reference_log_probs(model, sequences, mask, prompt: int) -> torch.Tensor:
     return torch.log_softmax(logits[:, prompt - 1 : -1].float(), dim=-1).half()
 
 
+def configured(label: str, budget: int, buffer: int, **options) -> RKVConfig:
+    """The config of a policy label: a policy name, with ``+adaptive`` for head-adaptive budgets."""
+    policy, _, allocation = label.partition("+")
+    return RKVConfig(budget=budget, buffer=buffer, policy=policy, allocation=allocation or "uniform", **options)
+
+
+def head_shares(cache: RKVCache) -> list[float] | None:
+    """Adaptive runs: the fewest and most slots a head kept at the end, as shares of the budget."""
+    if cache.config.allocation != "adaptive":
+        return None
+    kept = torch.stack([layer.slots.kept for layer in cache.layers]).float() / cache.config.budget
+    return [float(kept.min()), float(kept.max())]
+
+
 def teacher_forced(model, config: RKVConfig, sequences, mask, prompt: int, reference, sampler):
-    """Per row: top-1 agreement [B, N] with the full cache, KL(full || policy) [B, N] and the first free-running
-    divergence (tokens before the policy's own shared-noise draw first misses the trajectory)."""
+    """Per row: top-1 agreement [B, N] with the full cache, KL(full || policy) [B, N], the first free-running
+    divergence (tokens before the policy's own shared-noise draw first misses the trajectory), and the head shares
+    of an adaptive cache."""
     cache = RKVCache(config, layer_specs(model))
     batch, generated = reference.shape[:2]
     agree = torch.zeros(batch, generated, dtype=torch.bool)
@@ -103,11 +123,12 @@ def teacher_forced(model, config: RKVConfig, sequences, mask, prompt: int, refer
             drawn = sampler.choose(logits[:, offset : offset + 32], block.start, rows)
             stays[rows, block] = drawn == sequences[rows, prompt + block.start : prompt + block.stop]
             missed[rows] |= ~stays[rows, block].all(-1)
-    return agree, kl, first_miss(stays).tolist()
+    return agree, kl, first_miss(stays).tolist(), head_shares(cache)
 
 
-def summarise(agree, kl, diverged) -> dict:
+def summarise(agree, kl, diverged, shares=None) -> dict:
     return {
+        "head_share_range": shares,
         "top1_agreement": float(agree.float().mean()),
         "kl_mean": float(kl.mean()),
         "kl_median": float(kl.median()),
@@ -128,12 +149,13 @@ def plot(result: dict, path: Path) -> None:
     figure, axes = plt.subplots(1, 4, figsize=(19, 4.3))
     for policy in result["args"]["policies"]:
         rows = [runs[f"{policy}/{b}"] for b in budgets]
-        axes[0].plot(budgets, [r["top1_agreement"] for r in rows], "o-", label=policy)
-        axes[1].plot(budgets, [r["kl_mean"] for r in rows], "o-", label=policy)
-        axes[2].plot(budgets, [r["first_divergence_median"] for r in rows], "o-", label=policy)
+        style = "o--" if policy.endswith("+adaptive") else "o-"
+        axes[0].plot(budgets, [r["top1_agreement"] for r in rows], style, label=policy)
+        axes[1].plot(budgets, [r["kl_mean"] for r in rows], style, label=policy)
+        axes[2].plot(budgets, [r["first_divergence_median"] for r in rows], style, label=policy)
         curve = runs[f"{policy}/{result['args']['curve_budget']}"]["agreement_by_position"]
         smooth = torch.tensor(curve).unfold(0, 32, 8).mean(-1)
-        axes[3].plot(range(16, 16 + 8 * len(smooth), 8), smooth, label=policy)
+        axes[3].plot(range(16, 16 + 8 * len(smooth), 8), smooth, style[1:], label=policy)
     share = result["budget_share"]
     axes[0].set(xscale="log", xlabel="budget (slots)", ylabel="top-1 agreement", title="Teacher-forced top-1 agreement")
     axes[1].set(xscale="log", yscale="log", xlabel="budget", ylabel="mean KL(full || policy)", title="KL divergence")
@@ -167,12 +189,16 @@ def markdown(result: dict) -> str:
     lines.append("\nCells: top-1 agreement / mean KL(full || policy) / median tokens to first free-running divergence.")
     if result.get("sweep"):
         lines.append(f"\nR-KV sweep at budget {result['args']['sweep_budget']}:\n")
-        lines.append("| lam | window | agreement | KL | first divergence |\n|---|---|---|---|---|")
+        lines.append("| allocation | lam | window | agreement | KL | first divergence |\n|---|---|---|---|---|---|")
         lines += [
-            f"| {s['lam']} | {s['window']} | {s['top1_agreement']:.3f} | {s['kl_mean']:.3f} "
-            f"| {s['first_divergence_median']:.0f} |"
+            f"| {s.get('allocation', 'uniform')} | {s['lam']} | {s['window']} | {s['top1_agreement']:.3f} "
+            f"| {s['kl_mean']:.3f} | {s['first_divergence_median']:.0f} |"
             for s in result["sweep"]
         ]
+    shares = {label: run["head_share_range"] for label, run in result["runs"].items() if run.get("head_share_range")}
+    if shares:
+        lines.append("\nAdaptive runs, slots kept per head at the end as a share of the budget (min - max):\n")
+        lines.append(", ".join(f"{label} {low:.2f}-{high:.2f}" for label, (low, high) in shares.items()))
     sanity = result["full_sanity"]
     lines.append(
         f"\nSanity, `full` on the same path: agreement {sanity['top1_agreement']:.4f}, mean KL "
@@ -192,7 +218,12 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--new-tokens", type=int, default=1024)
     parser.add_argument("--budgets", type=int, nargs="+", default=[64, 128, 256, 512])
-    parser.add_argument("--policies", nargs="+", default=["rkv", "snapkv", "streaming", "h2o", "random"])
+    parser.add_argument(
+        "--policies",
+        nargs="+",
+        default=["rkv", "rkv+adaptive", "snapkv", "snapkv+adaptive", "streaming", "h2o", "h2o+adaptive", "random"],
+        help="policy names; NAME+adaptive for head-adaptive budgets",
+    )
     parser.add_argument("--buffer", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--temperature", type=float, default=0.6, help="trajectory sampling (the paper's 0.6)")
@@ -200,6 +231,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sweep-budget", type=int, default=128)
     parser.add_argument("--sweep-lams", type=float, nargs="*", default=[0.02, 0.3, 0.6])
     parser.add_argument("--sweep-windows", type=int, nargs="*", default=[4, 16, 32])
+    parser.add_argument("--sweep-allocations", nargs="*", default=["uniform", "adaptive"])
     parser.add_argument("--curve-budget", type=int, default=128)
     parser.add_argument("--out", default="fidelity-smollm2")
     parser.add_argument("--plot-only", action="store_true", help="redraw the table and plot from the JSON")
@@ -239,15 +271,17 @@ def main(argv=None) -> int:
         result["full_sanity"] = summarise(*teacher_forced(model, full, sequences, mask, prompt, reference, sampler))
         jobs = [(p, b) for p in args.policies for b in args.budgets]
         for policy, budget in tqdm(jobs, desc="policies x budgets"):
-            config = RKVConfig(budget=budget, buffer=args.buffer, policy=policy)
+            config = configured(policy, budget, args.buffer)
             measured = teacher_forced(model, config, sequences, mask, prompt, reference, sampler)
             result["runs"][f"{policy}/{budget}"] = summarise(*measured)
-        sweep = [(lam, 8) for lam in args.sweep_lams] + [(0.1, window) for window in args.sweep_windows]
+        settings = [(lam, 8) for lam in args.sweep_lams] + [(0.1, window) for window in args.sweep_windows]
+        sweep = [(allocation, *setting) for allocation in args.sweep_allocations for setting in settings]
         result["sweep"] = []
-        for lam, window in tqdm(sweep, desc="R-KV sweep"):
-            config = RKVConfig(budget=args.sweep_budget, buffer=args.buffer, lam=lam, window=window)
+        for allocation, lam, window in tqdm(sweep, desc="R-KV sweep"):
+            label = "rkv+adaptive" if allocation == "adaptive" else "rkv"
+            config = configured(label, args.sweep_budget, args.buffer, lam=lam, window=window)
             measured = teacher_forced(model, config, sequences, mask, prompt, reference, sampler)
-            result["sweep"].append({"lam": lam, "window": window, **summarise(*measured)})
+            result["sweep"].append({"allocation": allocation, "lam": lam, "window": window, **summarise(*measured)})
     result["seconds"] = time.perf_counter() - started
     publish(args.out, result, markdown, plot)
     print(f"finished in {result['seconds'] / 60:.1f} min")

@@ -19,9 +19,13 @@ Parts:
   C  compaction share of decode time on the eager and the compiled path, over four compactions after the slots fill.
   D  a fixed KV memory cap: the largest batch the full cache and rkv_flex fit at --cap-length generated tokens,
      and their tokens/s.
+  F  head-adaptive budgets: the engine's compiled step and compaction with allocation="adaptive" (a pooled slot
+     layout) against "uniform" at the same total slots, batch 1 and --batch, from slots that are full, through two
+     compactions.
 
     python bench/throughput.py                    # CPU, bundled SmolLM2-135M
     python bench/throughput.py --device cuda --shape r1-llama-8b --dtype bfloat16 --cap-gib 100
+    python bench/throughput.py --parts F --out throughput-cpu-smollm2-adaptive
 """
 
 from __future__ import annotations
@@ -184,7 +188,7 @@ class Paths:
             unpatch_model(model)
 
     def engine(self, path: str, batch: int) -> Engine:
-        key = (path, batch)
+        key = (path, batch, self.rkv)
         if key not in self.engines:
             self.engines[key] = Engine(self.model, batch, check_every=1)
         return self.engines[key]
@@ -300,13 +304,38 @@ def part_d(model, prompt_ids, paths: Paths, shape: Shape, args) -> dict:
     return result
 
 
+def part_f(paths: Paths, shape: Shape, args) -> dict:
+    """The compiled step and compaction of each allocation at the same total slots (median step; the compaction
+    steps' excess over it)."""
+    saved, result = paths.rkv, {}
+    for batch in sorted({1, args.batch}):
+        ids = random_prompt(batch, saved.capacity, shape.vocab, args.device, seed=13)
+        row = {}
+        for allocation in ("uniform", "adaptive"):
+            paths.rkv = RKVConfig(budget=args.budget, buffer=args.buffer, allocation=allocation)
+            steps = paths.run("rkv-compiled", ids, 2 * args.buffer + 1)
+            normal = statistics.median(steps)
+            row[allocation] = {
+                "step_ms": 1e3 * normal,
+                "compaction_ms": 1e3 * (sum(sorted(steps)[-2:]) - 2 * normal) / 2,
+            }
+        row["step_ratio"] = row["adaptive"]["step_ms"] / row["uniform"]["step_ms"]
+        result[str(batch)] = row
+        print(f"part F, batch {batch}: " + json.dumps(row), flush=True)
+    paths.rkv = saved
+    return result
+
+
 def targets(result: dict) -> list[dict]:
     found = []
 
     def add(target: str, measured: str, met: bool) -> None:
         found.append(dict(target=target, measured=measured, met=bool(met)))
 
-    rows = result["A"]
+    if f := result.get("F"):
+        worst = max(row["step_ratio"] for row in f.values())
+        add("adaptive layout's compiled step within 10% of uniform's", f"{worst:.3f}x at worst", worst <= 1.1)
+    rows = result.get("A") or [{"context": None, "step_ms": {}}]
     top = rows[-1]
     steps = top["step_ms"]
     if "rkv-eager" in steps and "stock-eager" in steps:
@@ -347,6 +376,24 @@ def targets(result: dict) -> list[dict]:
 def markdown(result: dict) -> str:
     args, lines = result["args"], []
     paths = [*args["paths"], "floor"]
+    if f := result.get("F"):
+        lines.append(
+            f"Head-adaptive against uniform budgets, engine (compiled), budget {args['budget']}, buffer "
+            f"{args['buffer']}, the same total slots (ms):\n"
+        )
+        lines.append("| batch | uniform step | adaptive step | ratio | uniform compaction | adaptive compaction |")
+        lines.append("|---|---|---|---|---|---|")
+        for batch, row in f.items():
+            uniform, adaptive = row["uniform"], row["adaptive"]
+            lines.append(
+                f"| {batch} | {uniform['step_ms']:.1f} | {adaptive['step_ms']:.1f} | {row['step_ratio']:.3f} "
+                f"| {uniform['compaction_ms']:.1f} | {adaptive['compaction_ms']:.1f} |"
+            )
+        lines.append("")
+    if not result.get("A"):
+        lines.append("\n| target | measured | met |\n|---|---|---|")
+        lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} |" for t in result["targets"]]
+        return "\n".join(lines) + "\n"
     lines.append(
         f"Step time (ms, median of {WINDOW} decode steps at the context), batch 1, budget {args['budget']}, "
         f"buffer {args['buffer']}; in brackets, the ratio to the floor (the compiled step over 16 slots):\n"
@@ -401,7 +448,9 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = result["A"]
+    rows = result.get("A")
+    if not rows:
+        return plot_allocations(result, path)
     contexts = [row["context"] for row in rows]
     figure, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
     for name in [*result["args"]["paths"], "floor"]:
@@ -414,6 +463,22 @@ def plot(result: dict, path: Path) -> None:
     right.set(xlabel="context (tokens)", ylabel="KV MiB per sequence", title="KV memory")
     right.set_xscale("log", base=2)
     right.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def plot_allocations(result: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    batches = list(result["F"])
+    figure, axis = plt.subplots(figsize=(6.5, 4.2))
+    width = 0.38
+    for offset, allocation in ((-width / 2, "uniform"), (width / 2, "adaptive")):
+        steps = [result["F"][batch][allocation]["step_ms"] for batch in batches]
+        axis.bar([i + offset for i in range(len(batches))], steps, width, label=allocation)
+    axis.set_xticks(range(len(batches)), [f"batch {batch}" for batch in batches])
+    axis.set(ylabel="ms per compiled decode step", title="Adaptive vs uniform budgets, same total slots")
+    axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
@@ -432,7 +497,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cap-gib", type=float, default=1.0)
     parser.add_argument("--cap-length", type=int, default=4096)
     parser.add_argument("--max-batch", type=int, default=512)
-    parser.add_argument("--parts", default="AEBCD")
+    parser.add_argument("--parts", default="AEBCDF")
     parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset of " + ",".join(PATHS))
     parser.add_argument("--out", default=None, help="result name (default throughput-<device>-<shape>)")
     args = parser.parse_args(argv)
@@ -454,12 +519,13 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     paths = Paths(model, args)
     with torch.no_grad():
-        result["A"] = at_contexts(paths, shape, args)
+        result["A"] = at_contexts(paths, shape, args) if "A" in args.parts else None
         if "E" in args.parts and args.shape == "smollm2":
             result["E"] = part_e(model, prompt_ids, paths, args)
         result["B"] = part_b(paths, shape, args) if "B" in args.parts else None
         result["C"] = part_c(paths, shape, args) if "C" in args.parts else None
         result["D"] = part_d(model, prompt_ids, paths, shape, args) if "D" in args.parts else None
+        result["F"] = part_f(paths, shape, args) if "F" in args.parts else None
     result["minutes"] = (time.perf_counter() - started) / 60
     result["targets"] = targets(result)
     publish(name, result, markdown, plot)

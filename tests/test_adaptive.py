@@ -124,7 +124,8 @@ def test_pooled_decoding_equals_the_dense_reference_over_each_head_s_slots(
     view = pool.heads(torch.full((2,), BUDGET + appended))
     want = masked_sdpa(query, view.keys, view.values, view.valid, view.pos, query_pos, 0.4, window, **options)
     sink_slot = pool.capacity - 1 if changes == "sinks" else None
-    arguments = (query, pool.keys, pool.values, pool.valid, pool.pos, pool.start, pool.end, query_pos, 0.4, window)
+    segments = (pool.start, pool.kept, pool.buffer)
+    arguments = (query, pool.keys, pool.values, pool.valid, pool.pos, *segments, query_pos, 0.4, window)
     got = flex_pool_step(*arguments, **options, sink_slot=sink_slot)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     allowed = pool.valid & pool.owned()
@@ -149,14 +150,16 @@ def test_compiled_pooled_flex_equals_the_dense_reference_across_several_blocks()
     view = pool.heads(torch.full((2,), 300 + 41))
     want = masked_sdpa(query, view.keys, view.values, view.valid, view.pos, query_pos, 0.3, sinks=sinks)
     step = torch.compile(flex_pool_step, fullgraph=True, dynamic=False)
-    arguments = (query, pool.keys, pool.values, pool.valid, pool.pos, pool.start, pool.end, query_pos, 0.3, None)
+    segments = (pool.start, pool.kept, pool.buffer)
+    arguments = (query, pool.keys, pool.values, pool.valid, pool.pos, *segments, query_pos, 0.3, None)
     got = step(*arguments, sinks=sinks, sink_slot=pool.capacity - 1)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def adaptive(policy: str = "rkv", **options):
     model = tiny_model("llama", 6, 2, seed=1)
-    return patch_model(model, budget=BUDGET, buffer=BUFFER, window=WINDOW, policy=policy, allocation="adaptive", **options)
+    options = dict(budget=BUDGET, buffer=BUFFER, window=WINDOW, policy=policy, allocation="adaptive", **options)
+    return patch_model(model, **options)
 
 
 def test_with_nothing_evicted_adaptive_decodes_like_stock():

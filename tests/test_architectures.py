@@ -125,6 +125,26 @@ def test_with_eviction_the_compiled_loop_equals_the_eager_path_within_capacity(m
         assert int(layer.slots.valid.sum(dim=-1).max()) <= 18
 
 
+@pytest.mark.parametrize("model_type", ["gpt_oss", "gemma2"])
+def test_adaptive_budgets_with_sinks_soft_capping_and_sliding_layers(model_type):
+    """Pooled slots on the architectures that change scores or masks (sinks, soft-capping, sliding-window layers):
+    the eager flex/SDPA path equals the dense reference over each head's view through several compactions, and the
+    compiled loop equals the eager path."""
+    ids, mask = padded_prompt(1, 9, seed=4)
+    options = dict(budget=12, buffer=6, window=4, allocation="adaptive")
+    results = []
+    for attention in ("flex", "sdpa"):
+        model = patch_model(tiny(model_type, seed=4), attention=attention, **options)
+        cache = make_cache(model)
+        results.append((*greedy(model, ids, mask, cache=cache), cache))
+    (tokens, logits, cache), (ref_tokens, ref_logits, _) = results
+    assert cache.compactions >= 2
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+    model = patch_model(tiny(model_type, seed=4), **options)
+    assert torch.equal(generate(model, ids, mask, max_new_tokens=NEW, eos_token_id=[]), tokens)
+
+
 @pytest.mark.parametrize(
     "model_type,remove",
     [

@@ -33,6 +33,11 @@ from rkv_flex.policies import check_scores
         (dict(budget=64, compact_prompt="yes"), TypeError, "compact_prompt must be a bool"),
         (dict(budget=64, prefill_chunk=0), ValueError, "prefill_chunk must be >= 1"),
         (dict(budget=64, prefill_chunk=2.0), TypeError, "prefill_chunk must be an int"),
+        (dict(budget=64, allocation="paged"), ValueError, "allocation must be one of"),
+        (dict(budget=64, allocation="adaptive", head_floor=1.5), ValueError, r"head_floor .* must be in \[0, 1\]"),
+        (dict(budget=64, allocation="adaptive", head_ceiling=0.5), ValueError, "head_ceiling .* must be >= 1"),
+        (dict(budget=64, head_floor="low"), TypeError, "head_floor must be a number"),
+        (dict(budget=64, policy="streaming", allocation="adaptive"), ValueError, "differ between heads"),
     ],
 )
 def test_bad_config_values(options, error, match):

@@ -119,7 +119,8 @@ def flex_pool_step(
     valid: Tensor,
     pos: Tensor,
     start: Tensor,
-    end: Tensor,
+    kept: Tensor,
+    room: int,
     query_pos: Tensor,
     scale: float,
     sliding_window: int | None,
@@ -128,10 +129,11 @@ def flex_pool_step(
     sink_slot: int | None = None,
 ) -> Tensor:
     """:func:`flex_step` over a pooled layer (pool.py): keys [B, 1, P, D] shared by every query head, each head
-    masked to its KV head's segment ``[start, end)`` [B, Hkv] and visiting only that segment's blocks."""
+    masked to its KV head's segment ``[start, start + kept + room)`` ([B, Hkv] each) and visiting only that
+    segment's blocks."""
     group, slots = query.shape[1] // start.shape[1], key.shape[2]
-    mask_mod = pooled_mask_mod(valid, pos, query_pos, start, end, group, sliding_window, sink_slot)
-    tables = segment_block_tables(start, end, group, slots, sink_slot)
+    mask_mod = pooled_mask_mod(valid, pos, query_pos, start, kept, room, group, sliding_window, sink_slot)
+    tables = segment_block_tables(start, start + kept + room, group, slots, sink_slot)
     block_mask = slot_block_mask(tables, mask_mod, 1, slots)
     score_mod = slot_score_mod(softcap, sinks, sink_slot)
     return flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=True)
@@ -373,7 +375,8 @@ def pooled_step(
             pool.valid,
             pool.pos,
             pool.start,
-            pool.end,
+            pool.kept,
+            pool.buffer,
             positions,
             scale,
             window,

@@ -138,18 +138,20 @@ def pooled_mask_mod(
     pos: Tensor,
     query_pos: Tensor,
     start: Tensor,
-    end: Tensor,
+    kept: Tensor,
+    room: int,
     group: int,
     sliding_window: int | None = None,
     sink_slot: int | None = None,
 ) -> MaskMod:
     """The slot rule over a pool shared by all KV heads (``valid``/``pos`` [B, 1, P]): query head ``h`` sees only
-    the slots its KV head ``h // group`` owns, ``[start, end)`` [B, Hkv], and the sink slot if any."""
+    the slots its KV head ``h // group`` owns, ``[start, start + kept + room)`` ([B, Hkv] each; the end is computed
+    here, since torch 2.13's CPU kernel cannot read a buffer computed in the same graph), and the sink slot if any."""
     within_pool = slot_mask_mod(valid, pos, query_pos, group=start.shape[1] * group, sliding_window=sliding_window)
 
     def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         head = h // group
-        owned = (kv_idx >= start[b, head]) & (kv_idx < end[b, head])
+        owned = (kv_idx >= start[b, head]) & (kv_idx < start[b, head] + kept[b, head] + room)
         allowed = within_pool(b, h, q_idx, kv_idx) & owned
         if sink_slot is not None:
             allowed = allowed | (kv_idx == sink_slot)
