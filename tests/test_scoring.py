@@ -75,7 +75,8 @@ def test_redundancy_ranks_the_oldest_duplicate_most_redundant():
 def test_rkv_score_and_selection_equal_naive(state, lam):
     scores = RKV(lam=lam, kernel=3, threshold=0.5)(state)
     attention = naive.importance(state.queries, state.query_valid, state.keys, state.candidates, 3, state.scaling)
-    want = lam * attention - (1 - lam) * naive.redundancy(state.keys, state.valid, 0.5)
+    uniform = 1 / state.valid.sum(-1, keepdim=True).double()
+    want = lam * attention - (1 - lam) * (naive.redundancy(state.keys, state.valid, 0.5) - uniform)
     torch.testing.assert_close(scores.double()[state.valid], want[state.valid], rtol=1e-5, atol=1e-6)
     assert_is_best_selection(scores, state, select_keep(scores, state.valid, state.window, WINDOW + 2), WINDOW + 2)
 

@@ -58,7 +58,9 @@ class Policy(ABC):
 
 @dataclass(frozen=True)
 class RKV(Policy):
-    """R-KV: ``lam * importance - (1 - lam) * redundancy``."""
+    """R-KV: ``lam * importance - (1 - lam) * redundancy``, the redundancy counted from its uniform share ``1 / n``
+    (n valid slots of the head). The offset changes no head's ranking; it makes each head's scores sum to its
+    importance mass, comparable across heads (head-adaptive budgets, docs/method.md 4.1)."""
 
     lam: float = 0.1
     kernel: int = 7
@@ -70,7 +72,9 @@ class RKV(Policy):
         )
         if self.lam == 1.0:
             return attention
-        return self.lam * attention - (1.0 - self.lam) * redundancy(state.keys, state.valid, self.threshold)
+        uniform = 1.0 / state.valid.sum(dim=-1, keepdim=True).clamp(min=1)
+        excess = redundancy(state.keys, state.valid, self.threshold) - uniform
+        return self.lam * attention - (1.0 - self.lam) * excess
 
 
 @dataclass(frozen=True)
