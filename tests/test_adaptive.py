@@ -260,3 +260,19 @@ def test_position_blind_policies_refuse_adaptive_allocation():
     for policy in ("streaming", "full"):
         with pytest.raises(ValueError, match="scores that differ between heads"):
             RKVConfig(budget=16, policy=policy, allocation="adaptive")
+
+
+def test_continuous_batching_refills_rows_of_a_pool_like_fresh_ones(compiled_model):
+    """Rows reset and refilled while the others keep their uneven segments: every request as generated alone."""
+    from rkv_flex import Engine
+
+    generator = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(2, 256, (length,), generator=generator).tolist() for length in (5, 30, 11, 19, 3)]
+    lengths = [50, 20, 41, 33, 60]
+    expected = [
+        generate(compiled_model, torch.tensor([prompt]), max_new_tokens=new)[0, len(prompt) :].tolist()
+        for prompt, new in zip(prompts, lengths, strict=True)
+    ]
+    with Engine(compiled_model, batch_size=2) as engine:
+        assert engine.generate(prompts, max_new_tokens=lengths) == expected
+        assert engine.cache.compactions > 0
