@@ -7,7 +7,8 @@ Reads fidelity results (bench/fidelity.py) and compares:
    replaces the default only if it is at least as good in top-1 agreement and in mean KL in every run. Among such
    settings the one with the lowest mean KL over the runs (relative to the default's) is chosen. If none
    qualifies, the default stays.
-2. The target of issue "head-adaptive budgets": the default policy (R-KV, either allocation) against the best
+2. Allocations: every policy run with both allocations, adaptive against uniform at each budget.
+3. The target of issue "head-adaptive budgets": the default policy (R-KV, either allocation) against the best
    baseline (SnapKV, StreamingLLM, H2O) at every budget up to 25% of the trajectory, in every run: at least as good
    in agreement and KL.
 
@@ -83,6 +84,23 @@ def target(runs: dict[str, dict]) -> list[dict]:
     return checks
 
 
+def allocations(runs: dict[str, dict]) -> list[dict]:
+    """Per run, budget and policy run both ways: (agreement, KL) uniform and adaptive."""
+    rows = []
+    for name, run in runs.items():
+        for budget in run["args"]["budgets"]:
+            row = {"run": name, "budget": budget, "policies": {}}
+            for label in run["args"]["policies"]:
+                if label.endswith("+adaptive") and (uniform := run["runs"].get(f"{label[:-9]}/{budget}")):
+                    adaptive = run["runs"][f"{label}/{budget}"]
+                    row["policies"][label[:-9]] = {
+                        kind: {"agreement": m["top1_agreement"], "kl": m["kl_mean"]}
+                        for kind, m in (("uniform", uniform), ("adaptive", adaptive))
+                    }
+            rows.append(row)
+    return rows
+
+
 def markdown(result: dict) -> str:
     names = result["runs"]
     lines = ["Settings at each run's sweep budget, top-1 agreement / mean KL (runs: " + ", ".join(names) + "):\n"]
@@ -98,6 +116,20 @@ def markdown(result: dict) -> str:
             f"| {row['relative_kl']:.2f}x |"
         )
     lines.append(f"\nChosen: {result['settings']['chosen']} (allocation, lam, window).\n")
+    policies = sorted({p for row in result["allocations"] for p in row["policies"]})
+    lines.append("Adaptive against uniform, top-1 agreement / mean KL (uniform -> adaptive):\n")
+    lines.append("| run | budget | " + " | ".join(policies) + " |\n" + "|---" * (len(policies) + 2) + "|")
+    for row in result["allocations"]:
+        cells = []
+        for policy in policies:
+            pair = row["policies"].get(policy)
+            if pair is None:
+                cells.append("-")
+                continue
+            u, a = pair["uniform"], pair["adaptive"]
+            cells.append(f"{u['agreement']:.3f} / {u['kl']:.3f} -> {a['agreement']:.3f} / {a['kl']:.3f}")
+        lines.append(f"| {row['run']} | {row['budget']} | " + " | ".join(cells) + " |")
+    lines.append("")
     lines.append("Target: R-KV at least as good as the best of SnapKV / StreamingLLM / H2O at every budget <= 25%:\n")
     lines.append(
         "| run | budget (share) | best baseline | rkv | met | rkv+adaptive | met |\n|---|---|---|---|---|---|---|"
@@ -147,6 +179,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     runs = {name: json.loads((RESULTS / f"{name}.json").read_text()) for name in args.runs}
     result = {"runs": list(runs), "settings": compare_settings(runs), "target": target(runs)}
+    result["allocations"] = allocations(runs)
     publish(args.out, result, markdown, plot)
     return 0
 
