@@ -85,8 +85,8 @@ class PooledSlots:
         return self.keys.shape[2]
 
     @property
-    def pooled(self) -> int:
-        """Slots that can hold tokens."""
+    def token_slots(self) -> int:
+        """Slots that can hold tokens (all but the sink slot)."""
         return self.capacity - self.sinks
 
     @property
@@ -171,15 +171,16 @@ class PooledSlots:
         record_queries(self.queries, query, ring)
 
     def add_attention(self, received: Tensor) -> None:
-        """Accumulate attention received [B, Hkv, P] by each head's own slots."""
-        self.attention_sum += (received * self.owned()).sum(dim=1, keepdim=True)
+        """Accumulate attention received [B, Hkv, P], computed with each head masked to its own slots (so it is zero
+        elsewhere)."""
+        self.attention_sum += received.sum(dim=1, keepdim=True)
 
     # -- the per-head view ---------------------------------------------------------------------------------------
     def sources(self, used: Tensor) -> tuple[Tensor, Tensor]:
         """Where the per-head view reads from: pool slot [B, Hkv, V] of each view slot, and whether the head holds a
         token there [B, Hkv, V] (V = ``view_length``)."""
         index = torch.arange(self.view_length, device=self.start.device)
-        source = (self.start[..., None] + index).clamp(max=self.pooled - 1)
+        source = (self.start[..., None] + index).clamp(max=self.token_slots - 1)
         return source, index < self.occupancy(used)[..., None]
 
     def heads(self, used: Tensor) -> LayerSlots:
@@ -226,7 +227,7 @@ class PooledSlots:
         start = segment.cumsum(dim=-1) - segment
         index = torch.arange(length, device=keep.device)
         order = torch.where(keep, index, length + index).argsort(dim=-1)  # kept slots first, in order
-        slot = torch.arange(self.pooled, device=keep.device)
+        slot = torch.arange(self.token_slots, device=keep.device)
         owner = (slot >= start[..., None]).sum(dim=1) - 1  # [B', P]
         offset = slot - start.gather(1, owner)
         taken = offset < kept.gather(1, owner)
@@ -245,10 +246,10 @@ class PooledSlots:
         for name, front in updates.items():
             tensor = getattr(self, name)
             if rows is None:
-                tensor[:, 0, : self.pooled].copy_(front)
+                tensor[:, 0, : self.token_slots].copy_(front)
                 continue
             whole = tensor.index_select(0, rows)
-            whole[:, 0, : self.pooled] = front
+            whole[:, 0, : self.token_slots] = front
             tensor.index_copy_(0, rows, whole)
         for tensor, value in ((self.start, start), (self.kept, kept)):
             if rows is None:
