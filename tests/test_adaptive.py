@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rkv_flex import RKVConfig, generate, make_cache, patch_model, unpatch_model
-from rkv_flex.attention import flex_pool_step, masked_sdpa, pool_sdpa_step
+from rkv_flex.kernels import flex_pool_step, masked_sdpa, pool_sdpa_step
 from rkv_flex.policies import SlotState
 from rkv_flex.pool import PooledSlots
 from rkv_flex.replay import replay

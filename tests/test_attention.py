@@ -1,21 +1,19 @@
-"""The slot rule as flex mask_mod, BlockMask and dense tensor agree; every attention path equals the dense SDPA
-reference on the same slots (multi-token flex, flex decoding with and without the folded query group, the eager
-SDPA step)."""
+"""The slot rule as flex mask_mod, BlockMask and dense tensor agree; every attention kernel equals the dense SDPA
+reference on the same slots (multi-token flex, flex decoding, the eager SDPA step)."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.nn.attention.flex_attention import create_mask
 
-from rkv_flex.attention import compiled_flex_span, flex_step, masked_sdpa, sdpa_step, span_length
+from rkv_flex.compiled import compiled
+from rkv_flex.kernels import flex_span, flex_step, masked_sdpa, sdpa_step, span_length
 from rkv_flex.masks import block_tables, dense_slot_mask, slot_block_mask, slot_mask_mod
 
 BATCH, DIM = 2, 16
-
-TORCH_RELEASE = tuple(int(part) for part in torch.__version__.split(".")[:2])
+span_kernel = compiled(flex_span)
 
 
 def random_slots(seed: int, kv_heads: int, slots: int, query_length: int = 1, query_positions=None):
@@ -98,7 +96,7 @@ def test_multi_token_flex_equals_dense_sdpa(seed, length, heads, window, padding
     padded = span_length(length)
     staged_query = torch.cat([query, query.new_zeros(BATCH, query_heads, padded - length, DIM)], dim=2)
     staged_pos = torch.cat([query_pos, query_pos.new_full((BATCH, padded - length), -1)], dim=1)
-    got = compiled_flex_span(staged_query, keys, values, valid, pos, staged_pos, 0.3, window)[:, :, :length]
+    got = span_kernel(staged_query, keys, values, valid, pos, staged_pos, 0.3, window)[:, :, :length]
     want = masked_sdpa(query, keys, values, valid, pos, query_pos, 0.3, window)
     real = torch.ones(BATCH, length, dtype=torch.bool)
     real[0, :padding] = False  # padding queries' outputs are never used
@@ -107,45 +105,17 @@ def test_multi_token_flex_equals_dense_sdpa(seed, length, heads, window, padding
 
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**31), group=st.integers(1, 8), window=st.sampled_from([None, 9]))
-def test_decoding_paths_equal_dense_sdpa_for_any_group_size(seed, group, window):
-    """One query per row over slots in any order: flex decoding (query group folded into the query length, or
-    not), and the eager SDPA step, equal the dense reference. (Eager flex here: the layout is what is tested; the
-    compiled kernels are checked end to end by the decoding tests.)"""
+def test_decoding_kernels_equal_dense_sdpa_for_any_group_size(seed, group, window):
+    """One query per row over slots in any order: flex decoding (which applies the whole rule, causality included)
+    and, over slots that all hold earlier tokens as in a decoding step, the eager SDPA step (which masks validity
+    and the window only) equal the dense reference. (Eager flex here: the layout is what is tested; the compiled
+    kernels are checked in test_kernel_checks.py and end to end by the decoding tests.)"""
     kv_heads, slots = 2, 48
     valid, pos, query_pos = random_slots(seed, kv_heads, slots)
-    pos = pos.clamp(max=query_pos[:, :1, None])  # a decoding step's slots all hold earlier tokens
     query, keys, values = tensors(seed, kv_heads * group, kv_heads, slots, 1)
+    assert (pos > query_pos[:, :, None]).any()  # some slots are in the query's future: causality matters
     want = masked_sdpa(query, keys, values, valid, pos, query_pos, 0.4, window)
-    for fold in (False, True):
-        got = flex_step(query, keys, values, valid, pos, query_pos, 0.4, window, fold)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(sdpa_step(query, keys, values, valid, pos, query_pos, 0.4, window), want)
-
-
-@pytest.mark.xfail(
-    TORCH_RELEASE >= (2, 13), strict=True, reason="torch 2.13's compiled CPU flex kernel returns garbage for this shape"
-)
-def test_compiled_folded_flex_decoding_at_batch_one_and_more_than_256_slots():
-    """Why the folded query group stays off by default (RKVLayer.fold_group): at batch 1 with more than 256 slots,
-    torch 2.13's compiled CPU kernel is wrong (errors up to 1e38 against SDPA; batch 2, or 256 slots, are right);
-    torch 2.11's is right (measured with nox -s tests-oldest-torch), so this is a 2.13 regression. A later release
-    that fixes it turns this into an unexpected pass, which fails the suite and calls for a new look."""
-    valid, pos, query_pos = random_slots(5, 3, 640)
-    valid, pos, query_pos = valid[:1], pos[:1].clamp(max=query_pos[:1, :1, None]), query_pos[:1]
-    query, keys, values = (t[:1] for t in tensors(5, 9, 3, 640, 1))
-    want = masked_sdpa(query, keys, values, valid, pos, query_pos, 0.25)
-    step = torch.compile(lambda *args: flex_step(*args, True), fullgraph=True, dynamic=False)
-    torch.testing.assert_close(step(query, keys, values, valid, pos, query_pos, 0.25, None), want)
-
-
-def test_compiled_flex_decoding_with_a_folded_group_of_seven():
-    """The R1-Distill-Qwen-7B layout (7 query heads per KV head) through the compiled kernel, folded and not."""
-    kv_heads, slots = 2, 200
-    valid, pos, query_pos = random_slots(3, kv_heads, slots)
-    pos = pos.clamp(max=query_pos[:, :1, None])
-    query, keys, values = tensors(3, 7 * kv_heads, kv_heads, slots, 1)
-    want = masked_sdpa(query, keys, values, valid, pos, query_pos, 0.25)
-    for fold in (False, True):
-        step = torch.compile(lambda *args, fold=fold: flex_step(*args, fold), fullgraph=True, dynamic=False)
-        got = step(query, keys, values, valid, pos, query_pos, 0.25, None)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(flex_step(query, keys, values, valid, pos, query_pos, 0.4, window), want)
+    earlier = pos.clamp(max=query_pos[:, :1, None])
+    want = masked_sdpa(query, keys, values, valid, earlier, query_pos, 0.4, window)
+    torch.testing.assert_close(sdpa_step(query, keys, values, valid, earlier, query_pos, 0.4, window), want)

@@ -19,6 +19,7 @@ from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .config import RKVConfig
+from .kernel_checks import KernelChecks
 from .masks import window_mask
 from .planner import Plan, Planner
 from .policies import Policy, SlotState, make_policy
@@ -45,6 +46,7 @@ class SharedState:
     rows: slice = field(default_factory=lambda: slice(None))  # the rows this forward feeds (continuous batching)
     scaling: float | None = None  # the model's query scaling, learnt from the first attention call
     padded: bool = False  # some forward carried padding: the used slots may not all be valid
+    kernels: KernelChecks = field(default_factory=KernelChecks)  # compiled flex kernels, checked per shape
 
 
 @torch.compiler.nested_compile_region
@@ -84,10 +86,7 @@ class RKVLayer(CacheLayerMixin):
         super().__init__()
         self.config, self.policy, self.spec, self.shared, self.index = config, policy, spec, shared, index
         self.sliding_window = spec.sliding_window
-        # Compiled decoding could fold the query group into the query length (attention.flex_step): faster on a CPU,
-        # but torch 2.13's CPU kernel is wrong for it at batch 1 past 256 slots (tests/test_attention.py); off
-        # until the GPU check (bench/gpu_check.py, part fold) shows it right and faster there.
-        self.fold_group = False
+        self.flex_decoding = False  # compiled decoding steps use flex (once checked for this shape), else SDPA
         self.capacity = config.capacity
         self.pooled = config.allocation == "adaptive"  # head-adaptive budgets over one pool of slots (pool.py)
         self.slots: LayerSlots | PooledSlots | None = None
@@ -312,6 +311,30 @@ class RKVLayer(CacheLayerMixin):
             slots.attention_sum[:, :, :capacity].copy_(staged.attention_sum[:, :, :capacity])
             slots.attention_sum[:, :, offset : offset + count].copy_(staged.attention_sum[:, :, new])
 
+    def choose_decode_kernel(self) -> None:
+        """Compiled decoding steps use flex if it is right on this machine for this layer's shapes, else SDPA.
+        Needs the slots and the model's scaling, soft-cap and sinks (learnt from the first forward)."""
+        if not self.is_initialized:
+            raise RuntimeError("choose the decoding kernels after the first forward (the prefill)")
+        slots, kernels = self.slots, self.shared.kernels
+        query = slots.queries[:, :, :1]
+        settings = dict(softcap=self.softcap, sinks=self.sinks, sink_slot=self.sink_slot)
+        if self.pooled:
+            self.flex_decoding = kernels.pool_decode_trusted(
+                query,
+                slots.keys,
+                slots.values,
+                slots.kv_heads,
+                slots.buffer,
+                self.scaling,
+                self.sliding_window,
+                **settings,
+            )
+        else:
+            self.flex_decoding = kernels.decode_trusted(
+                query, slots.keys, slots.values, self.scaling, self.sliding_window, **settings
+            )
+
     def dense_prefix(self) -> int | None:
         """When the used slots are exactly the valid ones (rows in lockstep, no padding ever: then compaction never
         keeps filler), how many there are; otherwise None. Eager decoding then needs no mask."""
@@ -415,10 +438,10 @@ class RKVCache(Cache):
     ``compactor`` runs the compaction of all layers; the compiled loop swaps in a compiled one.
     """
 
-    def __init__(self, config: RKVConfig, layers: list[LayerSpec]):
+    def __init__(self, config: RKVConfig, layers: list[LayerSpec], kernels: KernelChecks | None = None):
         self.config = config
         self.policy = make_policy(config)
-        self.shared = SharedState()
+        self.shared = SharedState(kernels=kernels or KernelChecks(enabled=config.check_kernels))
         super().__init__(
             layers=[RKVLayer(config, self.policy, spec, self.shared, index) for index, spec in enumerate(layers)]
         )
@@ -441,6 +464,11 @@ class RKVCache(Cache):
     def _start_forward(self, key_states: Tensor) -> None:
         """Layer 0 of every forward: plan it (eager) and move the per-row device counters."""
         if torch.compiler.is_compiling():  # a decoding step planned by its driver: one token per row
+            if key_states.shape[2] != 1:
+                raise RuntimeError(
+                    f"a compiled forward of an RKVCache must feed one token per row, got {key_states.shape[2]}: "
+                    "feed prompts and other multi-token spans eagerly (rkv_flex.generate and model.generate do)"
+                )
             counters = self.shared.counters
             counters.used.add_(1)
             counters.seen.add_(1)
@@ -509,13 +537,17 @@ class RKVCache(Cache):
         if plan.grow_to is not None:
             for layer in self.layers:
                 layer.grow(plan.grow_to)
-        if len(plan.compact) == self.planner.batch:
-            self.compactor(self.layers, self.shared.counters, self.config.budget, None)
-        else:
-            device, counters = self.shared.counters.used.device, self.shared.counters
-            for row in plan.compact:
-                self.compactor(self.layers, counters, self.config.budget, torch.tensor([row], device=device))
+        self._compact_rows(plan.compact)
         return plan
+
+    def _compact_rows(self, rows: tuple[int, ...]) -> None:
+        """Compact ``rows``: every row at once when all are due, else one row at a time (one graph shape either way)."""
+        if len(rows) == self.planner.batch:
+            self.compactor(self.layers, self.shared.counters, self.config.budget, None)
+            return
+        device, counters = self.shared.counters.used.device, self.shared.counters
+        for row in rows:
+            self.compactor(self.layers, counters, self.config.budget, torch.tensor([row], device=device))
 
     def begin_step(self, length: int = 1, rows: tuple[int, ...] | None = None) -> Plan:
         """Plan the next forward from outside it (compiled forwards cannot plan themselves); compacts now if due."""
@@ -543,10 +575,23 @@ class RKVCache(Cache):
         if self.planner is not None:
             self.planner.cancel()
 
+    def choose_decode_kernels(self) -> None:
+        """Before compiled decoding steps: check the flex decoding kernel of every layer's shape (once per shape)
+        and use it where it is right, SDPA elsewhere."""
+        for layer in self.layers:
+            layer.choose_decode_kernel()
+
     def compact(self) -> None:
-        """Compact every row of every layer back to ``budget`` slots now."""
-        self.compactor(self.layers, self.shared.counters, self.config.budget, None)
-        self.planner.used = [self.config.budget] * self.planner.batch
+        """Compact every row that holds more than ``budget`` slots back to ``budget`` now; a row holding fewer
+        keeps them as they are (nothing to choose, and no free slot may count as used)."""
+        if self.planner is None:
+            return
+        rows = tuple(row for row, used in enumerate(self.planner.used) if used > self.config.budget)
+        if not rows:
+            return
+        self._compact_rows(rows)
+        for row in rows:
+            self.planner.used[row] = self.config.budget
         self.planner.compactions += 1
 
     # -- what transformers asks of a Cache ----------------------------------------------------------------------

@@ -49,6 +49,9 @@ class RKVConfig:
         head_floor: adaptive: every head keeps at least this fraction of ``budget`` (and at least its window).
         head_ceiling: adaptive: no head keeps more than this multiple of ``budget`` (it bounds the per-head view
             that compaction scores, so compaction costs at most this much more than uniform's).
+        check_kernels: before a compiled FlexAttention kernel serves a shape, compare it once with the dense SDPA
+            reference on synthetic slots of that shape, and use SDPA for shapes where it is wrong (torch's compiled
+            CPU flex is wrong for some shapes on some machines). False trusts flex unchecked.
     """
 
     budget: int
@@ -66,6 +69,7 @@ class RKVConfig:
     allocation: str = "uniform"
     head_floor: float = 0.2
     head_ceiling: float = 2.0
+    check_kernels: bool = True
 
     def __post_init__(self) -> None:
         _require_int("budget", self.budget, 1)
@@ -116,8 +120,9 @@ class RKVConfig:
             )
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(f"RKVConfig.attention must be one of {ATTENTION_BACKENDS}, got {self.attention!r}")
-        if not isinstance(self.compact_prompt, bool):
-            raise TypeError(f"RKVConfig.compact_prompt must be a bool, got {self.compact_prompt!r}")
+        for name in ("compact_prompt", "check_kernels"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"RKVConfig.{name} must be a bool, got {getattr(self, name)!r}")
 
     @property
     def floor_slots(self) -> int:

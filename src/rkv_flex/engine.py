@@ -14,6 +14,7 @@ detected every ``check_every`` steps (the only device-to-host copy), or earlier 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
 from collections import deque
@@ -25,12 +26,11 @@ import torch
 from torch import Tensor
 
 from .cache import RKVCache, compact_layers
-from .compiled import compiled
 from .forward import feed
-from .patch import check_prompt, make_cache, patch_record
+from .patch import batch_dependent_rope, check_prompt, make_cache, patch_record
 from .policies import make_policy
 from .requests import MAX_STOP_IDS, Request, build_requests
-from .sampling import RowSampling, cheapest_variant, choose
+from .sampling import VARIANTS, RowSampling, cheapest_variant, choose
 
 
 @dataclass
@@ -119,6 +119,13 @@ class Engine:
         for name, value in (("batch_size", batch_size), ("check_every", check_every)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        rope = batch_dependent_rope(model)
+        if rope is not None and batch_size > 1:
+            raise ValueError(
+                f"this model's {rope!r} RoPE picks its frequencies from the largest position in the batch, so a "
+                "request decoded beside others would not equal itself alone; use batch_size=1 (or model.generate, "
+                "which batches as transformers does)"
+            )
         self._model = weakref.ref(model)
         self.config = record.config
         self.batch_size, self.check_every = batch_size, check_every
@@ -137,13 +144,16 @@ class Engine:
             self.cache = cache
         vocab = model.get_output_embeddings().weight.shape[0]
         self.buffers = StepBuffers.allocate(batch_size, vocab, self.device)
-        mode = "reduce-overhead" if self.device.type == "cuda" else None
-        self._forward = compiled(forward_step, mode) if compile else forward_step
-        self._choose = compiled(choose_step, mode) if compile else choose_step
-        # A user scorer compacts eagerly: its output is checked, and it need not be traceable.
-        self.cache.compactor = (
-            compiled(compact_layers, mode) if compile and self.cache.policy.traceable else compact_layers
-        )
+        self.compiles = compile
+        self._forward, self._choose = forward_step, choose_step
+        if compile:  # the model's graphs of this shape, shared by its engines of this shape
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            shape = (batch_size, self.cache.capacity, model.dtype, str(self.device))
+            self._forward = record.graphs.get(forward_step, shape, mode)
+            self._choose = record.graphs.get(choose_step, (batch_size, vocab, str(self.device)), mode)
+            if self.cache.policy.traceable:  # a user scorer compacts eagerly: its output is checked
+                self.cache.compactor = record.graphs.get(compact_layers, shape, mode)
+        self._warm: set = set()  # what has been compiled (and checked) before a first token
         self._lock = threading.Lock()
         self._rows: list[_Row | None] = [None] * batch_size
         self.steps_run = 0
@@ -158,7 +168,7 @@ class Engine:
 
     # -- lifetime -----------------------------------------------------------------------------------------------
     def close(self) -> None:
-        """Free the slot cache, the buffers and the compiled graphs' references."""
+        """Free the slot cache and the buffers (the compiled graphs belong to the patched model)."""
         self.cache = self.buffers = self._forward = self._choose = None
         self._rows = []
 
@@ -198,7 +208,8 @@ class Engine:
         if not self._lock.acquire(blocking=False):
             raise RuntimeError("this engine is already generating in another thread; use one engine per thread")
         try:
-            yield from self._run(deque(enumerate(requests)), continue_rows)
+            variants = {request.sampling.variant for request in requests}
+            yield from self._run(deque(enumerate(requests)), variants, continue_rows)
         finally:
             self._rows = [None] * self.batch_size
             self.cache.cancel_plan()
@@ -216,12 +227,12 @@ class Engine:
                 )
 
     @torch.no_grad()
-    def _run(self, queue: deque, continue_rows: bool = False) -> Iterator[Completion]:
+    def _run(self, queue: deque, variants: set[str], continue_rows: bool = False) -> Iterator[Completion]:
         if continue_rows:
             for row in range(self.batch_size):
-                yield from self._place(row, *queue.popleft(), continuing=True)
+                yield from self._place(row, *queue.popleft(), variants, continuing=True)
         while True:
-            yield from self._refill(queue)
+            yield from self._refill(queue, variants)
             active = [row for row in self._rows if row is not None]
             if not active:
                 return
@@ -241,21 +252,51 @@ class Engine:
         return self.buffers.tokens[:, 0].clone()
 
     def _park_idle_rows(self) -> None:
-        """Rows without a request decode pad tokens; empty them instead of compacting them when they fill."""
+        """Rows without a request decode pad tokens; empty them (slots and positions) instead of compacting them
+        when they fill."""
         planner = self.cache.planner
         full = [r for r, row in enumerate(self._rows) if row is None and planner.used[r] == planner.capacity]
         if full:
             self.cache.reset_rows(full)
+            self.buffers.positions[full] = 0
 
-    def _refill(self, queue: deque) -> Iterator[Completion]:
+    def _warm_up(self, variants: set[str]) -> None:
+        """Compile (and check) every graph decoding will need, on the cache's and buffers' own tensors (restored
+        afterwards), so a stream never stops mid-answer to compile: the step, the token choice of each sampling
+        variant in use, and the compaction of all rows (and of one row, when rows fill out of phase). Runs after a
+        prefill: the graphs bake in the model's attention scaling, which the first forward reveals."""
+        needed = {"forward", "compact all", *variants}
+        if self.batch_size > 1:
+            needed.add("compact one")
+        if not self.cache.policy.traceable or not self.cache.evicts:
+            needed -= {"compact all", "compact one"}
+        missing = needed - self._warm if self.compiles else set()
+        if not missing:
+            return
+        with preserved(self.cache, self.buffers):
+            if "forward" in missing:
+                self.cache.choose_decode_kernels()
+                self._forward(self.model, self.cache, self.buffers)
+            for variant in missing & set(VARIANTS):
+                self._choose(self.buffers, variant)
+            cache, rows = self.cache, {"compact all": None, "compact one": torch.tensor([0], device=self.device)}
+            for name in missing & set(rows):
+                cache.compactor(cache.layers, cache.shared.counters, self.config.budget, rows[name])
+        self._warm |= missing
+
+    def _refill(self, queue: deque, variants: set[str]) -> Iterator[Completion]:
         """Give every free row the next queued request."""
         for row in range(self.batch_size):
             while self._rows[row] is None and queue:
-                yield from self._place(row, *queue.popleft())
+                yield from self._place(row, *queue.popleft(), variants)
 
-    def _place(self, row: int, index: int, request: Request, continuing: bool = False) -> Iterator[Completion]:
-        """Prefill ``request`` on ``row`` (reset first unless ``continuing``) and choose its first token."""
+    def _place(
+        self, row: int, index: int, request: Request, variants: set[str], continuing: bool = False
+    ) -> Iterator[Completion]:
+        """Prefill ``request`` on ``row`` (reset first unless ``continuing``) and choose its first token; before
+        the first token of the stream, compile what decoding will need."""
         first = self._start(row, request, continuing)
+        self._warm_up(variants)
         if first in request.stop_ids or request.max_new_tokens == 1:
             yield Completion(index, [first], True)
             self._finish_row(row)
@@ -309,6 +350,22 @@ class Engine:
 
 
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "greedy", "seed")
+
+
+@contextlib.contextmanager
+def preserved(cache: RKVCache, buffers: StepBuffers) -> Iterator[None]:
+    """Whatever runs inside leaves the cache's slots and counters and the step buffers as they were."""
+    tensors = [tensor for layer in cache.layers for tensor in layer.slots.tensors().values() if tensor is not None]
+    counters = cache.shared.counters
+    tensors += [counters.used, counters.seen, counters.query_valid]
+    tensors += [value for value in vars(buffers).values() if isinstance(value, Tensor)]
+    tensors += list(vars(buffers.sampling).values())
+    saved = [tensor.clone() for tensor in tensors]
+    try:
+        yield
+    finally:
+        for tensor, copy in zip(tensors, saved, strict=True):
+            tensor.copy_(copy)
 
 
 @torch.no_grad()

@@ -19,8 +19,10 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from .attention import ATTENTION_NAME, padding_mask, rkv_attention
 from .cache import LayerSpec, RKVCache
+from .compiled import GraphStore
 from .config import RKVConfig
 from .forward import feed
+from .kernel_checks import KernelChecks
 
 
 @dataclass(frozen=True)
@@ -68,19 +70,27 @@ _PATCH_ATTR = "_rkv_flex_patch"
 class PatchRecord:
     """What patching changed, to undo it exactly, and what the model's own ``generate`` and ``rkv_flex.generate``
     reuse between calls: caches and engines (one per batch, dtype and device: stable addresses, so compiled code
-    replays its graphs instead of re-recording them). Unpatching releases them."""
+    replays its graphs instead of re-recording them), the compiled graphs of this model and the kernel checks.
+    Unpatching releases them."""
 
     config: RKVConfig
     previous_attention: str
     caches: dict[tuple, RKVCache] = field(default_factory=dict)
     engines: dict[tuple, Any] = field(default_factory=dict)
+    graphs: GraphStore = field(default_factory=GraphStore)
+    kernels: KernelChecks | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        if self.kernels is None:
+            self.kernels = KernelChecks(self.graphs, enabled=self.config.check_kernels)
 
     def release(self) -> None:
         for engine in self.engines.values():
             engine.close()
         self.engines.clear()
         self.caches.clear()
+        self.graphs.clear()
 
 
 def _register() -> None:
@@ -174,10 +184,26 @@ def layer_specs(model: Any) -> list[LayerSpec]:
     return [LayerSpec(group, sliding, sinks) for sliding in windows]
 
 
+BATCH_DEPENDENT_ROPE = ("longrope", "dynamic")  # transformers picks their frequencies from the batch's largest position
+
+
+def batch_dependent_rope(model: Any) -> str | None:
+    """The model's RoPE type if its frequencies depend on the largest position in the batch, else None."""
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    parameters = getattr(text, "rope_parameters", None) or {}
+    per_layer_type = [p for p in parameters.values() if isinstance(p, dict)]
+    for entry in per_layer_type or [parameters]:
+        rope = entry.get("rope_type", "default")
+        if any(kind in rope for kind in BATCH_DEPENDENT_ROPE):
+            return rope
+    return None
+
+
 def make_cache(model: Any) -> RKVCache:
     """A fresh slot cache for a patched model, for callers that run ``model(...)`` themselves or keep a
     conversation's cache across ``generate`` calls."""
-    return RKVCache(patch_record(model).config, layer_specs(model))
+    record = patch_record(model)
+    return RKVCache(record.config, layer_specs(model), record.kernels)
 
 
 def check_prompt(input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> None:
@@ -203,12 +229,25 @@ class CompactionScheduler(LogitsProcessor):
     (``compile_config``, or automatically on CUDA); a compiled forward cannot plan its own compaction.
     """
 
-    def __init__(self, cache: RKVCache):
-        self.cache = cache
+    def __init__(self, cache: RKVCache, compiled_steps: bool = False):
+        self.cache, self.compiled_steps = cache, compiled_steps
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.compiled_steps:  # after the prefill, before transformers traces the first decoding step
+            self.cache.choose_decode_kernels()
+            self.compiled_steps = False
         self.cache.begin_step(1)
         return scores
+
+
+def transformers_compiles(model: Any, kwargs: dict, generation_config: Any) -> bool:
+    """Whether transformers' ``generate`` will compile the decoding forward (its rule, for a compileable cache: on an
+    accelerator, or on any device when the compile_config says so, unless compilation is disabled)."""
+    if kwargs.get("disable_compile", generation_config.disable_compile):
+        return False
+    compile_config = kwargs.get("compile_config", generation_config.compile_config)
+    everywhere = compile_config is not None and getattr(compile_config, "_compile_all_devices", False)
+    return model.device.type != "cpu" or bool(everywhere)
 
 
 class PatchedGenerate:
@@ -239,12 +278,13 @@ class PatchedGenerate:
         attention_mask = kwargs.get("attention_mask")
         check_prompt(input_ids, attention_mask)
         cache = kwargs.get("cache") or kwargs.get("past_key_values")
+        compiles = transformers_compiles(model, kwargs, generation_config)
         if cache is not None:
-            return self._generate(model, record.config, cache, input_ids, attention_mask, args, kwargs)
+            return self._generate(model, record.config, cache, input_ids, attention_mask, compiles, args, kwargs)
         with record.lock:  # the pooled cache serves one call at a time
             cache = self._pooled_cache(model, record, input_ids)
             kwargs["cache"] = cache
-            return self._generate(model, record.config, cache, input_ids, attention_mask, args, kwargs)
+            return self._generate(model, record.config, cache, input_ids, attention_mask, compiles, args, kwargs)
 
     @staticmethod
     def _pooled_cache(model: Any, record: PatchRecord, input_ids: torch.Tensor | None) -> RKVCache:
@@ -257,7 +297,7 @@ class PatchedGenerate:
         return cache
 
     @staticmethod
-    def _generate(model, config, cache, input_ids, attention_mask, args, kwargs):
+    def _generate(model, config, cache, input_ids, attention_mask, compiles, args, kwargs):
         if isinstance(input_ids, torch.Tensor) and input_ids.ndim == 2:
             cache.require_batch(input_ids.shape[0])
             seen = cache.get_seq_length()
@@ -271,7 +311,7 @@ class PatchedGenerate:
                 mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
                 feed(model, cache, input_ids, mask, seen, seen + (new - 1) // chunk * chunk, chunk)
         kwargs["logits_processor"] = LogitsProcessorList(
-            [*(kwargs.get("logits_processor") or []), CompactionScheduler(cache)]
+            [*(kwargs.get("logits_processor") or []), CompactionScheduler(cache, compiles)]
         )
         try:
             return type(model).generate(model, *args, **kwargs)
