@@ -242,9 +242,6 @@ def main(argv=None) -> int:
         plot(result, RESULTS / f"{args.out}.png")
         return 0
     started = time.perf_counter()
-    # One process replays every budget, each with its own slot capacity and chunk-length buckets: more distinct
-    # shapes than dynamo keeps graphs for by default (8 per function; past it rkv_flex raises GraphLimitError).
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     model, tokenizer = load_model(args.model)
     from tqdm import tqdm
 

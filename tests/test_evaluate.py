@@ -98,4 +98,16 @@ def test_eval_command_on_the_bundled_model(tmp_path, capsys, bundled):
     stock = model.generate(**inputs, max_new_tokens=48, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     texts = tokenizer.batch_decode(stock[:, inputs.input_ids.shape[1] :], skip_special_tokens=True)
     assert [answer["predicted"] for answer in rows[0]["answers"]] == [extract_answer(text) for text in texts]
-    assert "| rkv | 16 |" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "| rkv | 16 |" in printed.out
+    # progress while it runs: one line per problem answered, per setting
+    assert "[full -] 2/2 problems" in printed.err and "[rkv 16] 1/2 problems" in printed.err
+    assert "accuracy so far" in printed.err and "tokens/s" in printed.err
+
+
+def test_help_lists_the_commands_one_per_line(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    lines = capsys.readouterr().out.splitlines()
+    for command in ("check", "generate", "eval", "bench"):
+        assert sum(line.strip().startswith(command + " ") for line in lines) == 1, lines

@@ -5,6 +5,7 @@ patch_model(model, budget=1024)     # every later model.generate(...) keeps <= b
 """
 
 from .cache import RKVCache
+from .check import CheckReport, check
 from .config import RKVConfig
 from .engine import Completion, Engine, generate
 from .patch import is_patched, make_cache, patch_model, unpatch_model
@@ -13,6 +14,7 @@ from .policies import H2O, RKV, Full, Policy, Random, ScoringFunction, SlotState
 __all__ = [
     "H2O",
     "RKV",
+    "CheckReport",
     "Completion",
     "Engine",
     "Full",
@@ -24,6 +26,7 @@ __all__ = [
     "SlotState",
     "SnapKV",
     "Streaming",
+    "check",
     "generate",
     "is_patched",
     "make_cache",

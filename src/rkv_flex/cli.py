@@ -1,9 +1,4 @@
-"""The ``rkv-flex`` command.
-
-generate   stream a generation with a bounded R-KV cache (default: the bundled SmolLM2 on a GSM8K question)
-eval       answer accuracy on GSM8K / MATH-500 per policy and budget, for any local model
-bench      run a benchmark script from bench/ (throughput, fidelity, retention) in a source checkout
-"""
+"""The ``rkv-flex`` command: check, generate, eval, bench (``rkv-flex --help`` lists them one per line)."""
 
 from __future__ import annotations
 
@@ -29,9 +24,22 @@ def _add_cache_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rkv-flex", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    generate = commands.add_parser("generate", help="stream a generation with a bounded R-KV cache")
+    parser = argparse.ArgumentParser(
+        prog="rkv-flex",
+        description="R-KV KV-cache compression for Hugging Face reasoning models (rkv-flex COMMAND --help for more).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
+    check = commands.add_parser("check", help="is the compression running and right on this model and machine?")
+    _add_cache_options(check)
+    check.add_argument("--text", help="the prompt the model answers (default: a short word problem)")
+    check.add_argument(
+        "--answer-tokens", type=int, help="tokens the model answers (default: fill the slots + 2 x buffer)"
+    )
+    check.add_argument("--json", dest="json_out", help="also write the report as JSON here")
+    check.set_defaults(run=run_check)
+    generate = commands.add_parser(
+        "generate", help="stream a generation with a bounded R-KV cache (default: the bundled SmolLM2, GSM8K)"
+    )
     _add_cache_options(generate)
     generate.add_argument("--prompt", help="the user message (default: the first GSM8K test question)")
     generate.add_argument("--max-new-tokens", type=int, default=512)
@@ -41,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--compile", action="store_true", help="use the compiled decoding loop (rkv_flex.generate)")
     generate.set_defaults(run=run_generate)
 
-    evaluate = commands.add_parser("eval", help="answer accuracy per policy and budget")
+    evaluate = commands.add_parser("eval", help="answer accuracy on GSM8K / MATH-500 per policy and budget")
     evaluate.add_argument("--model", help="local HF model directory or .gguf file (default: bundled SmolLM2-135M)")
     evaluate.add_argument("--dataset", choices=["gsm8k", "math500"], default="gsm8k")
     evaluate.add_argument("--limit", type=int, default=None, help="first N problems (default: all)")
@@ -58,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", help="write the results as JSON here")
     evaluate.set_defaults(run=run_eval)
 
-    bench = commands.add_parser("bench", help="run bench/<name>.py from a source checkout")
+    bench = commands.add_parser("bench", help="run bench/<name>.py (throughput, fidelity, retention) from a checkout")
     bench.add_argument("name", choices=["throughput", "fidelity", "retention"])
     bench.add_argument("options", nargs=argparse.REMAINDER)
     bench.set_defaults(run=run_bench)
@@ -135,6 +143,21 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_check(args: argparse.Namespace) -> int:
+    import json
+
+    from .bundled import load_model
+    from .check import check
+
+    model, tokenizer = load_model(args.model, DTYPES[args.dtype], args.device)
+    settings = dict(budget=args.budget, buffer=args.buffer, window=args.window, lam=args.lam, policy=args.policy)
+    report = check(model, tokenizer, args.text, answer_tokens=args.answer_tokens, **settings)
+    if args.json_out:
+        with open(args.json_out, "w") as handle:
+            json.dump(report.as_dict(), handle, indent=1, default=str)
+    return 0 if report.compressing and report.compiled_equals_eager else 1
+
+
 def run_eval(args: argparse.Namespace) -> int:
     import json
 
@@ -157,8 +180,13 @@ def run_eval(args: argparse.Namespace) -> int:
     for config in configs:
         patch_model(model, config)
         start = time.perf_counter()
+        label = f"{config.policy} {'-' if config.policy == 'full' else config.budget}"
+
+        def progress(state, label=label) -> None:
+            print(f"  [{label}] {state}", file=sys.stderr, flush=True)
+
         correct, total, produced, answers = evaluate(
-            model, tokenizer, problems, args.max_new_tokens, args.batch, args.compile
+            model, tokenizer, problems, args.max_new_tokens, args.batch, args.compile, progress
         )
         seconds = time.perf_counter() - start
         unpatch_model(model)

@@ -12,12 +12,14 @@ model frees them all.
 from __future__ import annotations
 
 import functools
+import gc
 import types
 from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
 from torch._dynamo.exc import FailOnRecompileLimitHit
+from torch._dynamo.utils import counters
 
 
 class GraphLimitError(RuntimeError):
@@ -45,8 +47,14 @@ def compiled(function: Callable, mode: str | None = None) -> Callable:
 
     @functools.wraps(function)
     def call(*args: Any, **kwargs: Any) -> Any:
+        graphs = counters["stats"]["unique_graphs"]
         try:
-            return graph(*args, **kwargs)
+            result = graph(*args, **kwargs)
+            if counters["stats"]["unique_graphs"] != graphs:
+                # tracing leaves reference cycles that hold the inputs (a cache, its tensors) until the garbage
+                # collector runs: collect them now, so an owner that lets go of its cache frees it at once
+                gc.collect()
+            return result
         except FailOnRecompileLimitHit as error:
             limit = torch._dynamo.config.recompile_limit
             raise GraphLimitError(

@@ -24,10 +24,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch._dynamo.utils import counters
 
 from .cache import RKVCache, compact_layers
 from .forward import feed
-from .patch import batch_dependent_rope, check_prompt, make_cache, patch_record
+from .patch import batch_dependent_rope, check_length, check_prompt, make_cache, patch_record
 from .policies import make_policy
 from .requests import MAX_STOP_IDS, Request, build_requests
 from .sampling import VARIANTS, RowSampling, cheapest_variant, choose
@@ -203,6 +204,8 @@ class Engine:
         if self.cache is None:
             raise RuntimeError("this engine is closed")
         requests = build_requests(self.model.generation_config, prompts, **options)
+        for index, request in enumerate(requests):
+            check_length(self.model, len(request.prompt) + request.max_new_tokens, f"request {index}")
         if continue_rows:
             self._check_continuation(requests)
         if not self._lock.acquire(blocking=False):
@@ -276,12 +279,17 @@ class Engine:
         with preserved(self.cache, self.buffers):
             if "forward" in missing:
                 self.cache.choose_decode_kernels()
-                self._forward(self.model, self.cache, self.buffers)
+
+                def step() -> None:
+                    self.cache.shared.counters.used.clamp_(max=self.cache.capacity - 1)  # full rows write in bounds
+                    self._forward(self.model, self.cache, self.buffers)
+
+                until_no_new_graph(step)
             for variant in missing & set(VARIANTS):
-                self._choose(self.buffers, variant)
+                until_no_new_graph(self._choose, self.buffers, variant)
             cache, rows = self.cache, {"compact all": None, "compact one": torch.tensor([0], device=self.device)}
             for name in missing & set(rows):
-                cache.compactor(cache.layers, cache.shared.counters, self.config.budget, rows[name])
+                until_no_new_graph(cache.compactor, cache.layers, cache.shared.counters, self.config.budget, rows[name])
         self._warm |= missing
 
     def _refill(self, queue: deque, variants: set[str]) -> Iterator[Completion]:
@@ -350,6 +358,17 @@ class Engine:
 
 
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "greedy", "seed")
+
+
+def until_no_new_graph(graph: Any, *args: Any, tries: int = 3) -> None:
+    """Call a compiled function until a call compiles nothing. A first call can leave Python state its guards read
+    otherwise than it found it (the ``kernels`` package's context variable, which transformers' attention layers
+    use, stays set after a compiled forward), and the second call then compiles once more."""
+    for _ in range(tries):
+        before = counters["stats"]["unique_graphs"]
+        graph(*args)
+        if counters["stats"]["unique_graphs"] == before:
+            return
 
 
 @contextlib.contextmanager

@@ -49,7 +49,7 @@ def synthetic_slots(
         pos = torch.arange(slots).expand(batch, kv_heads, slots).clone()
         return valid, pos
     if layout == "full":
-        return torch.ones(batch, kv_heads, slots, dtype=torch.bool), torch.arange(slots).expand(batch, kv_heads, slots)
+        return torch.ones(batch, kv_heads, slots, dtype=torch.bool), torch.arange(slots).repeat(batch, kv_heads, 1)
     valid = torch.rand(batch, kv_heads, slots, generator=generator) < 0.6
     valid[:, :, 0] = True
     pos = torch.stack([torch.randperm(3 * slots, generator=generator)[:slots] for _ in range(batch * kv_heads)])
@@ -69,18 +69,21 @@ def span_error(
 ) -> float:
     """The largest relative error of ``kernel`` (:func:`flex_span`'s signature) against :func:`masked_sdpa` on
     synthetic inputs of the shapes of the arguments: the first ``S - L`` slots in each layout, then L new tokens (the
-    last quarter of them bucket padding, position -1) at positions after every slot."""
+    last quarter of them bucket padding, position -1) at positions after every slot. Every real query sees at least
+    its own token (the reference and flex differ, by design, only for queries that may see nothing)."""
     batch, length = query.shape[0], query.shape[2]
     kv_heads, slots = key.shape[1], key.shape[2]
     used, real = slots - length, length if length == 1 else length - length // 4
+    # where the new tokens sit: after the used slots, or (one token) in the first slot, as a decoding step may
+    new = slice(0, 1) if length == 1 else slice(used, slots)
     generator = torch.Generator().manual_seed(slots * 31 + length)
     worst = 0.0
     for layout in LAYOUTS:
         valid, pos = synthetic_slots(batch, kv_heads, slots, layout, generator)
         new_pos = 3 * slots + torch.arange(length)
-        valid[:, :, used:] = torch.arange(length) < real
+        valid[:, :, new] = torch.arange(length) < real
         pos = pos.clone()
-        pos[:, :, used:] = new_pos
+        pos[:, :, new] = new_pos
         query_pos = torch.where(torch.arange(length) < real, new_pos, -1).expand(batch, length)
         inputs = random_like(generator, query, key, value)
         if sink_slot is not None:  # the sink slot holds no token: zero key and value, never valid
@@ -134,6 +137,9 @@ def pool_decode_error(
             inputs[1][:, :, sink_slot] = 0
             inputs[2][:, :, sink_slot] = 0
         query_pos = pos.amax(dim=(1, 2))[:, None] + 1
+        for row in range(batch):  # the new token, at the query's position, in every head's segment
+            valid[row, 0, start[row]] = True
+            pos[row, 0, start[row]] = query_pos[row, 0]
         device = query.device
         valid, pos, query_pos, start, kept = (t.to(device) for t in (valid, pos, query_pos, start, kept))
         segments = (valid, pos, start, kept, room, query_pos)

@@ -199,6 +199,33 @@ def batch_dependent_rope(model: Any) -> str | None:
     return None
 
 
+def longrope_switch(model: Any) -> int | None:
+    """Positions a LongRoPE model reads with its short factors (``original_max_position_embeddings``), or None.
+
+    Past them transformers switches to the long factors, and Phi-3's generate then reads the whole sequence again
+    (keys cached with the short factors would not match the new queries). rkv_flex keeps only the compressed cache
+    and cannot read evicted tokens again, so it refuses generations that would cross the switch."""
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    parameters = getattr(text, "rope_parameters", None) or {}
+    per_layer_type = [p for p in parameters.values() if isinstance(p, dict)]
+    for entry in per_layer_type or [parameters]:
+        if entry.get("rope_type") == "longrope":
+            switch = entry.get("original_max_position_embeddings")
+            return switch or getattr(text, "original_max_position_embeddings", None)
+    return None
+
+
+def check_length(model: Any, total: int, what: str) -> None:
+    """Refuse a generation of ``total`` tokens (prompt + new) that would cross a LongRoPE switch."""
+    switch = longrope_switch(model)
+    if switch is not None and total > switch:
+        raise ValueError(
+            f"{what} reaches {total} tokens, past the {switch} positions this model's LongRoPE reads with its short "
+            "factors; beyond them transformers reads the whole sequence again with the long factors, which a "
+            f"compressed cache cannot do. Keep prompt + max_new_tokens <= {switch}"
+        )
+
+
 def make_cache(model: Any) -> RKVCache:
     """A fresh slot cache for a patched model, for callers that run ``model(...)`` themselves or keep a
     conversation's cache across ``generate`` calls."""
@@ -277,6 +304,12 @@ class PatchedGenerate:
         input_ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
         attention_mask = kwargs.get("attention_mask")
         check_prompt(input_ids, attention_mask)
+        if isinstance(input_ids, torch.Tensor) and input_ids.ndim == 2:
+            new = kwargs.get("max_new_tokens", generation_config.max_new_tokens)
+            total = (
+                input_ids.shape[1] + new if new is not None else kwargs.get("max_length", generation_config.max_length)
+            )
+            check_length(model, total, "this generation")
         cache = kwargs.get("cache") or kwargs.get("past_key_values")
         compiles = transformers_compiles(model, kwargs, generation_config)
         if cache is not None:
