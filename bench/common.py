@@ -117,7 +117,7 @@ def publish(name: str, result: dict, markdown: Callable[[dict], str], plot: Call
 def long_prompt(tokenizer, length: int, first: int = 0) -> torch.Tensor:
     """Exactly ``length`` tokens [1, length] of real text: math problems one after another (from problem ``first``
     of GSM8K then MATH-500), ending with a question about the first."""
-    from rkv_flex.bundled import load_problems
+    from rkv_flex.tools.bundled import load_problems
 
     problems = load_problems("gsm8k") + load_problems("math500")
     problems = problems[first:] + problems[:first]

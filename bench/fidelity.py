@@ -3,7 +3,7 @@
 1. Trajectories: the full cache (stock transformers) samples --new-tokens tokens per prompt at the paper's setting
    (temperature 0.6, top-p 0.95, fixed seed; EOS suppressed so every trajectory is full length), one batch for all
    prompts (GSM8K and MATH-500, chat template). Sampling is Gumbel-max with noise fixed per generated position
-   (rkv_flex.shared_noise). Each trajectory's distinct-4-gram ratio is reported, so degenerate (looping) ones are
+   (rkv_flex.tools.shared_noise). Each trajectory's distinct-4-gram ratio is reported, so degenerate (looping) ones are
    visible.
 2. Teacher-forced replay of each trajectory under each policy and budget, in chunks that end exactly where the
    slots fill (equivalent to decoding token by token; tests/test_replay.py proves it): at every generated position,
@@ -38,12 +38,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, environment, long_prompt, publish
 
 from rkv_flex import RKVConfig, patch_model
-from rkv_flex.bundled import chat_batch, load_model, load_problems
 from rkv_flex.cache import RKVCache
 from rkv_flex.forward import positions_from_mask
 from rkv_flex.patch import layer_specs
-from rkv_flex.replay import replay
-from rkv_flex.shared_noise import SharedNoiseSampler, first_miss
+from rkv_flex.tools.bundled import chat_batch, load_model, load_problems
+from rkv_flex.tools.replay import replay
+from rkv_flex.tools.shared_noise import SharedNoiseSampler, first_miss
 
 
 def distinct_4gram_ratio(tokens: list[int]) -> float:

@@ -30,8 +30,8 @@ def worker(path: str, length: str) -> dict:
     import torch
 
     from rkv_flex import generate, patch_model
-    from rkv_flex.bundled import chat_prompt, load_model, load_problems
     from rkv_flex.cli import compile_seconds
+    from rkv_flex.tools.bundled import chat_prompt, load_model, load_problems
 
     sys.path.insert(0, str(Path(__file__).parent))
     from common import long_prompt

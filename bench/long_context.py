@@ -45,7 +45,7 @@ def reset_peak_memory() -> None:
 def measure(path: str, length: int, args) -> dict:
     """One point, in this (fresh) process."""
     from rkv_flex import make_cache, patch_model
-    from rkv_flex.bundled import load_model
+    from rkv_flex.tools.bundled import load_model
 
     torch.set_grad_enabled(False)
     model, tokenizer = load_model()

@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="profile-step-smollm2")
     args = parser.parse_args(argv)
     from rkv_flex import make_cache, patch_model
-    from rkv_flex.bundled import chat_prompt, load_model, load_problems
+    from rkv_flex.tools.bundled import chat_prompt, load_model, load_problems
 
     torch.set_grad_enabled(False)
     model, tokenizer = load_model()

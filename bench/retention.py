@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, environment, write_json
 
 from rkv_flex import RKVConfig, patch_model
-from rkv_flex.bundled import chat_prompt, load_model, load_problems
 from rkv_flex.cache import RKVCache
 from rkv_flex.patch import layer_specs
-from rkv_flex.replay import replay
+from rkv_flex.tools.bundled import chat_prompt, load_model, load_problems
+from rkv_flex.tools.replay import replay
 
 
 def retention(

@@ -38,7 +38,7 @@ PATHS = ("stock-static", "hf-continuous", "rkv-static", "rkv-engine")
 
 
 def workload(tokenizer, args) -> tuple[list[list[int]], list[int]]:
-    from rkv_flex.bundled import chat_prompt, load_problems
+    from rkv_flex.tools.bundled import chat_prompt, load_problems
 
     half = args.prompts // 2
     problems = load_problems("gsm8k", half) + load_problems("math500", args.prompts - half)
@@ -166,7 +166,7 @@ def run_path(path: str, args) -> dict:
     import resource
 
     from rkv_flex import patch_model
-    from rkv_flex.bundled import load_model
+    from rkv_flex.tools.bundled import load_model
 
     torch.set_grad_enabled(False)
     model, tokenizer = load_model()

@@ -36,7 +36,7 @@ from common import environment, publish
 
 
 def prompt_ids(tokenizer) -> list[int]:
-    from rkv_flex.bundled import chat_prompt, load_problems
+    from rkv_flex.tools.bundled import chat_prompt, load_problems
 
     return tokenizer(chat_prompt(tokenizer, load_problems("gsm8k", 1)[0].question)).input_ids
 
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as saved:
         model_dir = Path(args.model) if args.model else Path(saved)
         if not args.model:  # tp_plan loading wants a transformers directory: save the bundled GGUF model as one
-            from rkv_flex.bundled import load_model
+            from rkv_flex.tools.bundled import load_model
 
             save_plain(*load_model(), model_dir)
         args.model_dir = model_dir

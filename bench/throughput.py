@@ -88,7 +88,7 @@ PATHS = ["stock-eager", "stock-static", "rkv-eager", "rkv-hf-compiled", "rkv-com
 
 def load(args):
     if args.shape == "smollm2":
-        from rkv_flex.bundled import chat_prompt, load_model, load_problems
+        from rkv_flex.tools.bundled import chat_prompt, load_model, load_problems
 
         model, tokenizer = load_model(dtype=DTYPES[args.dtype], device=args.device)
         text = chat_prompt(tokenizer, load_problems("gsm8k", 1)[0].question)

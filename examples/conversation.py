@@ -11,7 +11,7 @@ Run: python examples/conversation.py
 import torch
 
 from rkv_flex import generate, patch_model
-from rkv_flex.bundled import chat_prompt, load_model
+from rkv_flex.tools.bundled import chat_prompt, load_model
 
 model, tokenizer = load_model()
 patch_model(model, budget=128, buffer=128)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from rkv_flex import RKV, Engine, Policy, SlotState, patch_model
-from rkv_flex.bundled import chat_prompt, load_model
+from rkv_flex.tools.bundled import chat_prompt, load_model
 
 
 @dataclass(frozen=True)

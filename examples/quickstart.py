@@ -8,7 +8,7 @@ import sys
 import torch
 
 from rkv_flex import make_cache, patch_model
-from rkv_flex.bundled import chat_prompt, load_model
+from rkv_flex.tools.bundled import chat_prompt, load_model
 
 model, tokenizer = load_model(sys.argv[1] if len(sys.argv) > 1 else None)
 patch_model(model, budget=128, buffer=128)  # <- the one line: every later generate keeps <= 256 KV slots per layer

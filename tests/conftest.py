@@ -90,7 +90,7 @@ def fresh_compile_cache():
 @pytest.fixture(scope="session")
 def bundled():
     """(model, tokenizer) of the bundled SmolLM2-135M-Instruct, loaded once."""
-    from rkv_flex.bundled import load_model
+    from rkv_flex.tools.bundled import load_model
 
     return load_model()
 
@@ -99,7 +99,7 @@ def teacher_forced(model, ids, mask, sequence):
     """(logits [B, new, V], cache) of ``model`` (patched) at every generated position of ``sequence``
     [B, prompt + new], fed teacher-forced through a fresh cache with the same compaction schedule as decoding."""
     from rkv_flex import make_cache
-    from rkv_flex.replay import replay
+    from rkv_flex.tools.replay import replay
 
     prompt = ids.shape[1]
     full_mask = torch.cat([mask, torch.ones_like(sequence[:, prompt:])], dim=1)

@@ -13,11 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rkv_flex import RKVConfig, generate, make_cache, patch_model, unpatch_model
-from rkv_flex.kernels import flex_pool_step, masked_sdpa, pool_sdpa_step
+from rkv_flex.kernels import flex_step, masked_sdpa, sdpa_step
 from rkv_flex.policies import SlotState
 from rkv_flex.pool import PooledSlots
-from rkv_flex.replay import replay
 from rkv_flex.scoring import select_adaptive
+from rkv_flex.tools.replay import replay
 
 BUDGET, BUFFER, WINDOW = 16, 8, 4
 DIM = 8
@@ -124,12 +124,10 @@ def test_pooled_decoding_equals_the_dense_reference_over_each_head_s_slots(
     view = pool.heads(torch.full((2,), BUDGET + appended))
     want = masked_sdpa(query, view.keys, view.values, view.valid, view.pos, query_pos, 0.4, window, **options)
     sink_slot = pool.capacity - 1 if changes == "sinks" else None
-    segments = (pool.start, pool.kept, pool.buffer)
-    arguments = (query, pool.keys, pool.values, pool.valid, pool.pos, *segments, query_pos, 0.4, window)
-    got = flex_pool_step(*arguments, **options, sink_slot=sink_slot)
+    arguments = (query, pool.keys, pool.values, pool.valid, pool.pos, query_pos, 0.4, window)
+    got = flex_step(*arguments, **options, sink_slot=sink_slot, segments=pool.segments)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    allowed = pool.valid & pool.owned()
-    eager = pool_sdpa_step(query, pool.keys, pool.values, allowed, pool.pos, query_pos, 0.4, window, **options)
+    eager = sdpa_step(query, pool.keys, pool.values, pool.allowed(), pool.pos, query_pos, 0.4, window, **options)
     torch.testing.assert_close(eager, want, rtol=1e-5, atol=1e-5)
 
 
@@ -149,10 +147,9 @@ def test_compiled_pooled_flex_equals_the_dense_reference_across_several_blocks()
     sinks = torch.randn(9, generator=generator)
     view = pool.heads(torch.full((2,), 300 + 41))
     want = masked_sdpa(query, view.keys, view.values, view.valid, view.pos, query_pos, 0.3, sinks=sinks)
-    step = torch.compile(flex_pool_step, fullgraph=True, dynamic=False)
-    segments = (pool.start, pool.kept, pool.buffer)
-    arguments = (query, pool.keys, pool.values, pool.valid, pool.pos, *segments, query_pos, 0.3, None)
-    got = step(*arguments, sinks=sinks, sink_slot=pool.capacity - 1)
+    step = torch.compile(flex_step, fullgraph=True, dynamic=False)
+    arguments = (query, pool.keys, pool.values, pool.valid, pool.pos, query_pos, 0.3, None)
+    got = step(*arguments, sinks=sinks, sink_slot=pool.capacity - 1, segments=pool.segments)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 

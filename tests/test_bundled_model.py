@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rkv_flex import make_cache, patch_model, unpatch_model
-from rkv_flex.bundled import chat_prompt, load_problems
+from rkv_flex.tools.bundled import chat_prompt, load_problems
 
 pytestmark = pytest.mark.slow
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from rkv_flex.bundled import chat_batch, load_problems
 from rkv_flex.cli import main
-from rkv_flex.evaluate import extract_answer, is_correct, last_boxed
+from rkv_flex.tools.bundled import chat_batch, load_problems
+from rkv_flex.tools.evaluate import extract_answer, is_correct, last_boxed
 
 
 @pytest.mark.parametrize(

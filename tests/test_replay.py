@@ -9,8 +9,8 @@ from conftest import padded_prompt, tiny_model
 from transformers import LogitsProcessorList
 
 from rkv_flex import RKVConfig, make_cache, patch_model
-from rkv_flex.replay import fill_aligned_chunks, replay
-from rkv_flex.shared_noise import SharedNoiseSampler, first_miss
+from rkv_flex.tools.replay import fill_aligned_chunks, replay
+from rkv_flex.tools.shared_noise import SharedNoiseSampler, first_miss
 
 
 def test_chunks_end_exactly_where_the_slots_fill():

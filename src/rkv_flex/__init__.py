@@ -5,11 +5,11 @@ patch_model(model, budget=1024)     # every later model.generate(...) keeps <= b
 """
 
 from .cache import RKVCache
-from .check import CheckReport, check
 from .config import RKVConfig
 from .engine import Completion, Engine, generate
 from .patch import is_patched, make_cache, patch_model, unpatch_model
 from .policies import H2O, RKV, Full, Policy, Random, ScoringFunction, SlotState, SnapKV, Streaming
+from .tools.check import CheckReport, check
 
 __all__ = [
     "H2O",

@@ -10,8 +10,9 @@ Which kernel (``kernels.py``) serves a forward:
 | one token per row, eager                  | sdpa_step                                 | masked_sdpa      |
 
 "Trusted": the compiled flex kernel agreed with the dense reference for this shape on this machine
-(``kernel_checks.py``). Pooled layers (head-adaptive budgets) take the pooled twin of each kernel. Every kernel
-applies the same slot rule, so the choice changes speed, not results.
+(``kernel_checks.py``). Each kernel serves both slot layouts (uniform, and pooled for head-adaptive budgets): the
+layout hands it the slots each head may read. Every kernel applies the same slot rule, so the choice changes speed,
+not results.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .cache import RKVLayer
-from .kernels import flex_pool_step, flex_step, masked_sdpa, pool_sdpa_step, sdpa_step, span_length
+from .kernels import flex_step, masked_sdpa, sdpa_step, span_length
 
 ATTENTION_NAME = "rkv_flex"
 
@@ -85,23 +86,16 @@ def rkv_attention(
 def decode_attention(
     layer: RKVLayer, query: Tensor, key: Tensor, value: Tensor, positions: Tensor, scale: float, changes: dict
 ) -> Tensor:
-    """One new token per row over the layer's slots (``key``/``value``: the slots)."""
+    """One new token per row over the layer's slots (``key``/``value``: the slots, in their layout)."""
     slots, window = layer.view, layer.sliding_window
     if layer.config.attention == "sdpa":
-        view = slots.heads(layer.counters.used) if layer.pooled else slots
+        view = slots.heads(layer.counters.used)
         return masked_sdpa(query, view.keys, view.values, view.valid, view.pos, positions, scale, window, **changes)
-    flex = torch.compiler.is_compiling() and layer.flex_decoding  # eager flex is slow; SDPA is as fast eagerly
-    if layer.pooled and flex:
-        pooled = (slots.valid, slots.pos, slots.start, slots.kept, slots.buffer, positions)
-        return flex_pool_step(query, key, value, *pooled, scale, window, **changes, sink_slot=layer.sink_slot)
-    if layer.pooled:
-        allowed = slots.valid & slots.owned()
-        return pool_sdpa_step(query, key, value, allowed, slots.pos, positions, scale, window, **changes)
-    if flex:
+    if torch.compiler.is_compiling() and layer.flex_decoding:  # eager flex is slow: SDPA is as fast eagerly
         rule = (slots.valid, slots.pos, positions, scale, window)
-        return flex_step(query, key, value, *rule, **changes, sink_slot=layer.sink_slot)
-    prefix = None if torch.compiler.is_compiling() else layer.dense_prefix()
-    return sdpa_step(query, key, value, slots.valid, slots.pos, positions, scale, window, **changes, prefix=prefix)
+        return flex_step(query, key, value, *rule, **changes, sink_slot=layer.sink_slot, segments=slots.segments)
+    prefix = None if torch.compiler.is_compiling() else layer.dense_prefix()  # what the host knows
+    return sdpa_step(query, key, value, slots.allowed(), slots.pos, positions, scale, window, **changes, prefix=prefix)
 
 
 def span_attention(

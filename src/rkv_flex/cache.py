@@ -1,10 +1,15 @@
 """The transformers ``Cache`` over slot storage: layers that store and stage tokens, and the planner that decides.
 
-``RKVCache`` is what a patched model's ``generate`` receives. At the first layer of every eager forward it asks the
-:class:`~rkv_flex.planner.Planner` what the forward does (append, compact first, or stage), runs any compaction,
-and sets the per-row device counters; each :class:`RKVLayer` then writes or stages its tokens. A compiled forward
-cannot plan (its host logic is traced away), so its driver calls :meth:`RKVCache.begin_step` first, and the
-traced layers advance the device counters themselves.
+``RKVCache`` is what a patched model's ``generate`` receives. Every forward is of one of two kinds, decided by the
+host before it runs (:class:`~rkv_flex.planner.Planner`, with any compaction it needs done first):
+
+* a **decoding step**, one token per row: on the device every row's counters advance by one and each layer writes
+  its token at the row's own count. This is the same code whether the step runs eagerly or inside a compiled graph
+  (a compiled forward cannot plan, so its driver plans it with :meth:`RKVCache.begin_step`);
+* a **span**, several tokens (a prompt chunk, a teacher-forced stretch), always eager: the host sets the counters
+  from its plan and each layer stages the tokens for attention, then appends them, or keeps ``budget`` of them all.
+
+The layers never ask which slot layout they hold (``slots.py``): uniform and pooled storage answer the same calls.
 """
 
 from __future__ import annotations
@@ -20,12 +25,11 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .config import RKVConfig
 from .kernel_checks import KernelChecks
-from .masks import window_mask
 from .planner import Plan, Planner
 from .policies import Policy, SlotState, make_policy
-from .pool import PooledSlots
-from .scoring import received_attention, select_adaptive, select_keep
-from .slots import LayerSlots, RowCounters
+from .pool import allocate_slots
+from .scoring import received_attention
+from .slots import RowCounters, SlotStorage
 
 
 @dataclass(frozen=True)
@@ -49,33 +53,6 @@ class SharedState:
     kernels: KernelChecks = field(default_factory=KernelChecks)  # compiled flex kernels, checked per shape
 
 
-@torch.compiler.nested_compile_region
-def select_region(policy: Policy, keep: int, state: SlotState) -> Tensor:
-    """One layer's kept slots, as a region compiled once and reused by every layer of a traced compaction (a
-    30-layer model otherwise compiles 30 copies of the same scoring kernels)."""
-    return select_keep(policy(state), state.valid, state.window, keep)
-
-
-def choose_kept(policy: Policy, keep: int, state: SlotState) -> Tensor:
-    if torch.compiler.is_compiling():
-        return select_region(policy, keep, state)
-    return select_keep(policy(state), state.valid, state.window, keep)
-
-
-@torch.compiler.nested_compile_region
-def adaptive_region(policy: Policy, total: int, floor: int, ceiling: int, state: SlotState) -> Tensor:
-    """:func:`select_region` for head-adaptive allocation."""
-    return select_adaptive(policy(state), state.valid, state.window, total, floor, ceiling)
-
-
-def choose_adaptive(policy: Policy, config: RKVConfig, state: SlotState) -> Tensor:
-    """The slots [B, Hkv, S] a pooled layer keeps: ``budget`` per KV head on average, shared out by score."""
-    sizes = (config.budget * state.keys.shape[1], config.floor_slots, config.ceiling_slots)
-    if torch.compiler.is_compiling():
-        return adaptive_region(policy, *sizes, state)
-    return select_adaptive(policy(state), state.valid, state.window, *sizes)
-
-
 class RKVLayer(CacheLayerMixin):
     """One decoder layer's slots, as a transformers cache layer."""
 
@@ -88,46 +65,20 @@ class RKVLayer(CacheLayerMixin):
         self.sliding_window = spec.sliding_window
         self.flex_decoding = False  # compiled decoding steps use flex (once checked for this shape), else SDPA
         self.capacity = config.capacity
-        self.pooled = config.allocation == "adaptive"  # head-adaptive budgets over one pool of slots (pool.py)
-        self.slots: LayerSlots | PooledSlots | None = None
-        self.incoming: tuple[Tensor, Tensor, Tensor] | None = None  # a multi-token forward's K, V and positions
+        self.slots: SlotStorage | None = None
+        self.incoming: tuple[Tensor, Tensor, Tensor] | None = None  # a span's K, V and positions
         self.softcap: float | None = None  # the model's score changes, learnt from its attention calls
         self.sinks: Tensor | None = None
 
     # -- allocation ---------------------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
-        _, kv_heads, _, key_dim = key_states.shape
         batch = self.shared.counters.used.shape[0]  # every row, also when the first forward feeds one
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
-        if self.pooled:
-            self.slots = PooledSlots.allocate(
-                batch,
-                kv_heads,
-                kv_heads * self.spec.query_group,
-                self.config.budget,
-                self.config.buffer,
-                self.config.ceiling_slots,
-                self.config.window,
-                key_dim,
-                value_states.shape[-1],
-                key_states.dtype,
-                key_states.device,
-                self.policy.tracks_attention,
-                self.spec.sinks,
-            )
-            return
-        self.slots = LayerSlots.allocate(
-            batch,
-            kv_heads,  # the heads this process holds (tensor parallelism shards them)
-            kv_heads * self.spec.query_group,
-            self.capacity + self.spec.sinks,
-            self.config.window,
-            key_dim,
-            value_states.shape[-1],
-            key_states.dtype,
-            key_states.device,
-            self.policy.tracks_attention,
+        tracks = self.policy.tracks_attention
+        config = self.config if self.capacity == self.config.capacity else _with_capacity(self.config, self.capacity)
+        self.slots = allocate_slots(
+            config, self.spec.query_group, self.spec.sinks, batch, key_states, value_states, tracks
         )
 
     def grow(self, capacity: int) -> None:
@@ -138,17 +89,15 @@ class RKVLayer(CacheLayerMixin):
     @property
     def sink_slot(self) -> int | None:
         """The slot that carries the attention sinks (the last one, never holding a token), if the layer has them."""
-        return self.slots.capacity - 1 if self.spec.sinks else None
+        return self.slots.sink_slot
 
     @property
     def staged_sink_slot(self) -> int | None:
-        """The sink slot of a multi-token forward's staged slots (a pooled layer stages its per-head view)."""
-        if not self.spec.sinks:
-            return None
-        return self.slots.view_length if self.pooled else self.sink_slot
+        """The sink slot of a span's staged slots (the per-head view's last slot)."""
+        return self.slots.view_capacity - 1 if self.spec.sinks else None
 
     @property
-    def view(self) -> LayerSlots | PooledSlots:
+    def view(self) -> SlotStorage:
         """The slots of the rows the current forward feeds."""
         rows = self.shared.rows
         return self.slots if rows == slice(None) else self.slots.narrow(rows)
@@ -165,14 +114,13 @@ class RKVLayer(CacheLayerMixin):
 
     # -- transformers' layer protocol ---------------------------------------------------------------------------
     def update(self, key_states: Tensor, value_states: Tensor, kwargs: dict) -> tuple[Tensor, Tensor]:
-        """Store a decoding step's tokens and return the slots; hold a multi-token forward's tokens for attention
-        to stage (it knows their padding). ``kwargs`` is the dict the model also hands to the attention function:
-        the layer puts itself there, so attention reads the slot state without globals."""
+        """A decoding step's tokens go into the slots, which attention then reads; a span's tokens are held for
+        attention to stage (it knows their padding). ``kwargs`` is the dict the model also hands to the attention
+        function: the layer puts itself there, so attention reads the slot state without globals."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         batch, _, length, _ = key_states.shape
-        compiling = torch.compiler.is_compiling()
-        if not compiling:
+        if not torch.compiler.is_compiling():
             self._check(key_states)
         positions = kwargs.get("position_ids")
         if positions is None:
@@ -181,14 +129,11 @@ class RKVLayer(CacheLayerMixin):
         positions = positions.expand(batch, length)
         kwargs["position_ids"] = positions
         kwargs["rkv_layer"] = self
-        slots = self.view
-        if length > 1 or (not compiling and self.shared.plan.staged):
+        if length > 1:  # a span (one token never needs staging: budget + 1 always fits)
             self.incoming = (key_states, value_states, positions)
             return key_states, value_states
-        if compiling or not self.shared.plan.in_lockstep:
-            slots.append_rows(key_states, value_states, positions, self.counters.used - 1)
-        else:
-            slots.append(key_states, value_states, positions, None, self.shared.plan.offset)
+        slots = self.view
+        slots.append_rows(key_states, value_states, positions, self.counters.used - 1)
         return slots.keys, slots.values
 
     def _check(self, key_states: Tensor) -> None:
@@ -202,22 +147,16 @@ class RKVLayer(CacheLayerMixin):
 
     # -- what attention calls -----------------------------------------------------------------------------------
     def observe_step(self, query: Tensor, positions: Tensor, scaling: float) -> None:
-        """A single-token step's queries [B, Hq, 1, D]: keep them in the ring, accumulate attention if tracked."""
+        """A decoding step's queries [B, Hq, 1, D]: keep them in the ring, accumulate attention if tracked."""
         self._learn_scaling(scaling)
         slots, counters = self.view, self.counters
-        if torch.compiler.is_compiling() or not self.shared.plan.in_lockstep:
-            ring = (counters.seen - 1) % self.config.window
-        else:
-            ring = self.shared.plan.seen_before[0] % self.config.window
-        slots.record_queries(query, ring)
-        if slots.attention_sum is not None and self.pooled:
-            heads = slots.start.shape[1]
-            every_head = (-1, heads, -1)
+        slots.record_queries(query, (counters.seen - 1) % self.config.window)
+        if slots.attention_sum is not None:
             received = received_attention(
                 query,
-                slots.keys.expand(*every_head, -1),
-                slots.valid.expand(every_head) & slots.owned(),
-                slots.pos.expand(every_head),
+                slots.per_head(slots.keys),
+                slots.allowed(),
+                slots.per_head(slots.pos),
                 positions,
                 None,
                 scaling,
@@ -226,23 +165,10 @@ class RKVLayer(CacheLayerMixin):
                 sinks=self.sinks,
             )
             slots.add_attention(received)
-        elif slots.attention_sum is not None:
-            slots.attention_sum += received_attention(
-                query,
-                slots.keys,
-                slots.valid,
-                slots.pos,
-                positions,
-                None,
-                scaling,
-                self.sliding_window,
-                softcap=self.softcap,
-                sinks=self.sinks,
-            )
 
     def stage(self, query: Tensor, padding: Tensor | None, scaling: float, length: int) -> SlotState:
-        """A multi-token forward: the used slots followed by the new tokens (padded to ``length`` columns), with
-        the new queries recorded and, if tracked, the attention they pay accumulated."""
+        """A span: each head's used slots followed by the new tokens (padded to ``length`` columns), with the new
+        queries recorded and, if tracked, the attention they pay every slot accumulated."""
         self._learn_scaling(scaling)
         keys, values, positions = self.incoming
         self.incoming = None
@@ -257,12 +183,11 @@ class RKVLayer(CacheLayerMixin):
             counters.query_valid.index_copy_(1, ring_slots, new_valid[:, -kept:])
             if padding is not None and not self.shared.padded:
                 self.shared.padded = not bool(padding.all())
-        used: int | Tensor = plan.used_before[0]
-        if self.pooled:  # stage each head's view of the pool
-            used_before = torch.full((batch,), used, dtype=torch.long, device=keys.device)
-            used, slots = slots.occupancy(used_before), slots.heads(used_before)
-        query_valid = counters.query_valid
-        staged = slots.staged(keys, values, positions, new_valid, length, used, query_valid, scaling, self.softcap)
+        used = torch.full((batch,), plan.used_before[0], dtype=torch.long, device=keys.device)
+        view = slots.heads(used)
+        held = slots.occupancy(used)
+        query_valid, softcap = counters.query_valid, self.softcap
+        staged = view.staged(keys, values, positions, new_valid, length, held, query_valid, scaling, softcap)
         if staged.attention_sum is not None:  # what the real (not padding) new queries pay every slot
             received = received_attention(
                 query,
@@ -277,69 +202,38 @@ class RKVLayer(CacheLayerMixin):
                 sinks=self.sinks,
             )
             staged.attention_sum.add_(received)
-            if self.pooled and not plan.staged:  # the kept slots' share goes straight to the pool
-                self.view.add_view_attention(used_before, received)
+            slots.add_view_attention(used, received)  # the used slots' share (a staged span repacks over it)
         return staged
 
     def commit(self, staged: SlotState) -> None:
-        """After a multi-token forward's attention: append its tokens, or keep ``budget`` of the staged slots."""
+        """After a span's attention: append its tokens, or keep ``budget`` of the staged slots."""
         plan, slots = self.shared.plan, self.view
-        if plan.staged and self.pooled:
-            slots.repack(staged, choose_adaptive(self.policy, self.config, staged))
-            return
         if plan.staged:
-            slots.keep(staged, choose_kept(self.policy, self.config.budget, staged))
+            slots.keep_best(self.policy, self.config, staged)
             return
-        count, offset = plan.length, plan.offset
-        capacity = slots.view_length + self.spec.sinks if self.pooled else slots.capacity
-        new = slice(capacity, capacity + count)
-        if self.pooled:
-            attention = None if staged.attention_sum is None else staged.attention_sum[:, :, new]
-            slots.append(
-                staged.keys[:, :, new],
-                staged.values[:, :, new],
-                staged.pos[:, 0, new],
-                staged.valid[:, 0, new],
-                offset,
-                attention,
-            )
-            return
-        slots.append(
-            staged.keys[:, :, new], staged.values[:, :, new], staged.pos[:, 0, new], staged.valid[:, 0, new], offset
-        )
-        if slots.attention_sum is not None:
-            slots.attention_sum[:, :, :capacity].copy_(staged.attention_sum[:, :, :capacity])
-            slots.attention_sum[:, :, offset : offset + count].copy_(staged.attention_sum[:, :, new])
+        count = plan.length
+        new = slice(slots.view_capacity, slots.view_capacity + count)
+        attention = None if staged.attention_sum is None else staged.attention_sum[:, :, new]
+        new_pos, new_valid = staged.pos[:, 0, new], staged.valid[:, 0, new]
+        slots.append(staged.keys[:, :, new], staged.values[:, :, new], new_pos, new_valid, plan.offset, attention)
 
     def choose_decode_kernel(self) -> None:
         """Compiled decoding steps use flex if it is right on this machine for this layer's shapes, else SDPA.
         Needs the slots and the model's scaling, soft-cap and sinks (learnt from the first forward)."""
         if not self.is_initialized:
             raise RuntimeError("choose the decoding kernels after the first forward (the prefill)")
-        slots, kernels = self.slots, self.shared.kernels
-        query = slots.queries[:, :, :1]
-        settings = dict(softcap=self.softcap, sinks=self.sinks, sink_slot=self.sink_slot)
-        if self.pooled:
-            self.flex_decoding = kernels.pool_decode_trusted(
-                query,
-                slots.keys,
-                slots.values,
-                slots.kv_heads,
-                slots.buffer,
-                self.scaling,
-                self.sliding_window,
-                **settings,
-            )
-        else:
-            self.flex_decoding = kernels.decode_trusted(
-                query, slots.keys, slots.values, self.scaling, self.sliding_window, **settings
-            )
+        slots = self.slots
+        settings = dict(softcap=self.softcap, sinks=self.sinks, sink_slot=self.sink_slot, segments=slots.segments)
+        self.flex_decoding = self.shared.kernels.decode_trusted(
+            slots.queries[:, :, :1], slots.keys, slots.values, self.scaling, self.sliding_window, **settings
+        )
 
     def dense_prefix(self) -> int | None:
-        """When the used slots are exactly the valid ones (rows in lockstep, no padding ever: then compaction never
-        keeps filler), how many there are; otherwise None. Eager decoding then needs no mask."""
+        """When the used slots are exactly the valid ones of every head (one slot per head, rows in lockstep, no
+        padding ever: then compaction never keeps filler), how many there are; otherwise None. Eager decoding then
+        needs no mask."""
         plan = self.shared.plan
-        if self.pooled or self.shared.padded or not plan.in_lockstep or plan.staged:
+        if not self.slots.uniform or self.shared.padded or not plan.in_lockstep or plan.staged:
             return None
         return plan.used_after[0]
 
@@ -364,25 +258,15 @@ class RKVLayer(CacheLayerMixin):
         moved to the front in position order."""
         slots, counters = self.slots, self.shared.counters
         used = counters.used.to(slots.keys.device)
-        if self.pooled:
-            held = slots.occupancy(used)[..., None]
-            view = slots.heads(used)
-            slot = torch.arange(view.capacity, device=used.device)
-            window = (slot >= held - self.config.window) & (slot < held)
-            state = view.state(window, counters.query_valid.to(used.device), self.scaling, self.softcap)
-        else:
-            window = window_mask(used, slots.capacity, self.config.window)
-            state = slots.state(window, counters.query_valid.to(used.device), self.scaling, self.softcap)
+        query_valid = counters.query_valid.to(used.device)
+        state = slots.scoring_state(used, self.config.window, query_valid, self.scaling, self.softcap)
         if rows is not None:
             state = SlotState(
                 *(None if t is None else t.index_select(0, rows) for t in _tensors(state)),
                 scaling=state.scaling,
                 softcap=state.softcap,
             )
-        if self.pooled:
-            slots.repack(state, choose_adaptive(self.policy, self.config, state), rows)
-        else:
-            slots.keep(state, choose_kept(self.policy, self.config.budget, state), rows)
+        slots.keep_best(self.policy, self.config, state, rows)
 
     # -- bookkeeping --------------------------------------------------------------------------------------------
     def get_seq_length(self) -> int:
@@ -406,7 +290,14 @@ class RKVLayer(CacheLayerMixin):
     @property
     def kv_bytes(self) -> int:
         """Bytes of K and V held (the slots, free ones included)."""
-        return 0 if self.slots is None else self.slots.keys.nbytes + self.slots.values.nbytes
+        return 0 if self.slots is None else self.slots.kv_bytes
+
+
+def _with_capacity(config: RKVConfig, capacity: int) -> RKVConfig:
+    """``config`` with slots for ``capacity`` tokens (a cache that never evicts, sized to the whole generation)."""
+    from dataclasses import replace
+
+    return replace(config, buffer=capacity - config.budget)
 
 
 def _tensors(state: SlotState) -> tuple:
@@ -462,19 +353,25 @@ class RKVCache(Cache):
         return self.layers[layer_idx].update(key_states, value_states, kwargs)
 
     def _start_forward(self, key_states: Tensor) -> None:
-        """Layer 0 of every forward: plan it (eager) and move the per-row device counters."""
-        if torch.compiler.is_compiling():  # a decoding step planned by its driver: one token per row
-            if key_states.shape[2] != 1:
+        """Layer 0 of every forward: a decoding step advances every fed row by one token on the device, traced or
+        eager alike; a span's counters come from the host's plan. An eager forward plans itself unless its driver
+        already did (:meth:`begin_step`); a traced one cannot, so its driver must have."""
+        length = key_states.shape[2]
+        if torch.compiler.is_compiling():
+            if length != 1:
                 raise RuntimeError(
-                    f"a compiled forward of an RKVCache must feed one token per row, got {key_states.shape[2]}: "
-                    "feed prompts and other multi-token spans eagerly (rkv_flex.generate and model.generate do)"
+                    f"a compiled forward of an RKVCache must feed one token per row, got {length}: feed prompts "
+                    "and other multi-token spans eagerly (rkv_flex.generate and model.generate do)"
                 )
-            counters = self.shared.counters
-            counters.used.add_(1)
-            counters.seen.add_(1)
-            ring = (counters.seen - 1) % self.config.window
-            counters.query_valid.scatter_(1, ring[:, None], True)
-            return
+        else:
+            plan = self._take_plan(key_states)
+            if length > 1:
+                self._set_counters(plan)
+                return
+        self.layers[0].counters.advance_one()
+
+    def _take_plan(self, key_states: Tensor) -> Plan:
+        """The plan of the forward that starts now (made now unless its driver made it)."""
         batch, _, length, _ = key_states.shape
         if self.planner is None:
             self.prepare(batch, key_states.device)
@@ -482,25 +379,21 @@ class RKVCache(Cache):
         self.planner.pending = None
         if plan.length != length:
             raise RuntimeError(f"a forward of {plan.length} tokens was planned but {length} arrived")
-        self.shared.plan = plan
-        counters = self.layers[0].counters
-        rows = self.shared.rows
-        if rows == slice(None) and len(plan.rows) != self.planner.batch:
+        if self.shared.rows == slice(None) and len(plan.rows) != self.planner.batch:
             raise RuntimeError("a forward planned for some rows must feed them alone (cache.feeding(rows))")
+        self.shared.plan = plan
+        return plan
+
+    def _set_counters(self, plan: Plan) -> None:
+        """A span: the fed rows' slots used and tokens seen after it, as planned."""
+        counters = self.layers[0].counters
         if plan.in_lockstep:
             counters.used.fill_(plan.used_after[0])
-            counters.seen.fill_(plan.seen_before[0] + length)
-        else:
-            counters.used.copy_(torch.tensor(plan.used_after, device=counters.used.device))
-            seen_after = [seen + length for seen in plan.seen_before]
-            counters.seen.copy_(torch.tensor(seen_after, device=counters.seen.device))
-        if length == 1 and not plan.staged:
-            ring = plan.seen_before[0] % self.config.window
-            if plan.in_lockstep:
-                counters.query_valid[:, ring] = True
-            else:
-                rings = [seen % self.config.window for seen in plan.seen_before]
-                counters.query_valid.scatter_(1, torch.tensor(rings, device=counters.seen.device)[:, None], True)
+            counters.seen.fill_(plan.seen_before[0] + plan.length)
+            return
+        device = counters.used.device
+        counters.used.copy_(torch.tensor(plan.used_after, device=device))
+        counters.seen.copy_(torch.tensor([seen + plan.length for seen in plan.seen_before], device=device))
 
     def prepare(self, batch: int, device: torch.device) -> None:
         """Size the cache for ``batch`` rows (done by the first forward when nobody did it before)."""

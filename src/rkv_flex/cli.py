@@ -100,7 +100,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
     from . import Engine, RKVConfig, make_cache, patch_model
-    from .bundled import chat_prompt, load_model, load_problems
+    from .tools.bundled import chat_prompt, load_model, load_problems
 
     config = RKVConfig(budget=args.budget, buffer=args.buffer, window=args.window, lam=args.lam, policy=args.policy)
     if args.max_new_tokens < 1:
@@ -146,8 +146,8 @@ def run_generate(args: argparse.Namespace) -> int:
 def run_check(args: argparse.Namespace) -> int:
     import json
 
-    from .bundled import load_model
-    from .check import check
+    from .tools.bundled import load_model
+    from .tools.check import check
 
     model, tokenizer = load_model(args.model, DTYPES[args.dtype], args.device)
     settings = dict(budget=args.budget, buffer=args.buffer, window=args.window, lam=args.lam, policy=args.policy)
@@ -162,8 +162,8 @@ def run_eval(args: argparse.Namespace) -> int:
     import json
 
     from . import RKVConfig, patch_model, unpatch_model
-    from .bundled import load_model, load_problems
-    from .evaluate import evaluate
+    from .tools.bundled import load_model, load_problems
+    from .tools.evaluate import evaluate
 
     configs = [
         RKVConfig(budget=budget, buffer=args.buffer, window=args.window, lam=args.lam, policy=policy)

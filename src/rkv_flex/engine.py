@@ -27,7 +27,7 @@ from torch import Tensor
 from torch._dynamo.utils import counters
 
 from .cache import RKVCache, compact_layers
-from .forward import feed
+from .forward import feed, prompt_pieces
 from .patch import batch_dependent_rope, check_length, check_prompt, make_cache, patch_record
 from .policies import make_policy
 from .requests import MAX_STOP_IDS, Request, build_requests
@@ -318,9 +318,9 @@ class Engine:
         if not continuing:
             cache.reset_rows([row])
         prompt = torch.tensor([request.prompt], device=self.device)
-        chunk = self.config.prefill_chunk if self.config.compact_prompt else None
         with cache.feeding(row):
-            logits = feed(model, cache, prompt, torch.ones_like(prompt), seen, prompt.shape[1], chunk)
+            pieces = prompt_pieces(prompt.shape[1] - seen, self.config)
+            logits = feed(model, cache, prompt, torch.ones_like(prompt), seen, pieces)
         buffers.sampling.set_row(row, request.sampling)
         buffers.steps[row] = 0
         one_row = RowSampling(*(getattr(buffers.sampling, name)[row : row + 1] for name in _SAMPLING_FIELDS))

@@ -1,13 +1,17 @@
-"""One model forward over a span of a token sequence, and prompts fed in chunks: what every driver shares."""
+"""One model forward over a span of a token sequence, and prompts read in pieces: what every driver shares."""
 
 from __future__ import annotations
 
-from typing import Any
+import itertools
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from .cache import RKVCache
+
+if TYPE_CHECKING:
+    from .config import RKVConfig
 
 
 def positions_from_mask(attention_mask: Tensor) -> Tensor:
@@ -36,21 +40,21 @@ def forward_span(
     ).logits
 
 
+def prompt_pieces(length: int, config: RKVConfig) -> list[int]:
+    """The forwards ``length`` prompt tokens are read in, on every path: ``prefill_chunk`` tokens each, or one
+    forward when prompts may not be compacted (``compact_prompt=False``) or ``prefill_chunk`` is None."""
+    chunk = config.prefill_chunk if config.compact_prompt and config.prefill_chunk else length
+    return [min(chunk, length - start) for start in range(0, length, chunk)]
+
+
 @torch.no_grad()
 def feed(
-    model: Any,
-    cache: RKVCache,
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    start: int,
-    end: int,
-    chunk: int | None,
+    model: Any, cache: RKVCache, input_ids: Tensor, attention_mask: Tensor, start: int, pieces: list[int]
 ) -> Tensor | None:
-    """Feed columns ``start:end`` in forwards of at most ``chunk`` tokens (None: one forward); returns the last
-    position's logits [B, V], or None when there was nothing to feed."""
+    """Feed columns from ``start`` in forwards of ``pieces`` tokens; returns the last position's logits [B, V], or
+    None when there was nothing to feed."""
     positions = positions_from_mask(attention_mask)
-    step = chunk or max(1, end - start)
     logits = None
-    for first in range(start, end, step):
-        logits = forward_span(model, cache, input_ids, attention_mask, positions, first, min(first + step, end), 1)
+    for first, size in zip(itertools.accumulate(pieces, initial=start), pieces, strict=False):
+        logits = forward_span(model, cache, input_ids, attention_mask, positions, first, first + size, 1)
     return None if logits is None else logits[:, -1]

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .compiled import GraphStore
-from .kernels import flex_pool_decode, flex_span, masked_sdpa
+from .kernels import Segments, flex_decode, flex_span, masked_sdpa
 
 LAYOUTS = ("fresh", "compacted", "full")
 FRESH_TOKENS = 5  # valid slots of the "fresh" layout (a short prompt, nothing evicted yet)
@@ -111,7 +111,7 @@ def pool_decode_error(
     sinks: Tensor | None,
     sink_slot: int | None,
 ) -> float:
-    """:func:`span_error` for :func:`flex_pool_decode` (one query per row over a pool [B, 1, P] of ``kv_heads``
+    """:func:`span_error` for :func:`flex_decode` over a pool (one query per row over [B, 1, P] slots, ``kv_heads``
     segments with ``room`` free slots each): segments split evenly, or unevenly with random slots valid."""
     batch, pool = query.shape[0], key.shape[2]
     token_slots = pool - (sink_slot is not None)
@@ -142,8 +142,8 @@ def pool_decode_error(
             pos[row, 0, start[row]] = query_pos[row, 0]
         device = query.device
         valid, pos, query_pos, start, kept = (t.to(device) for t in (valid, pos, query_pos, start, kept))
-        segments = (valid, pos, start, kept, room, query_pos)
-        got = kernel(*inputs, *segments, scale, sliding_window, softcap, sinks, sink_slot)
+        segments = (start, kept, room)
+        got = kernel(*inputs, valid, pos, query_pos, scale, sliding_window, softcap, sinks, sink_slot, segments)
         q, k, v = (t.float() for t in inputs)
         every_head = (-1, kv_heads, -1)
         want = masked_sdpa(
@@ -235,44 +235,32 @@ class KernelChecks:
         softcap: float | None = None,
         sinks: Tensor | None = None,
         sink_slot: int | None = None,
+        segments: Segments | None = None,
     ) -> bool:
         """Whether flex decoding (one query per row, ``query`` [B, Hq, 1, D]) is right over slots shaped like
-        ``key`` / ``value`` [B, Hkv, S, D] (only their shapes, dtype and device are read)."""
+        ``key`` / ``value`` (only their shapes, dtype and device are read): [B, Hkv, S, D], or a pool [B, 1, P, D]
+        of ``segments`` (only the number of heads and the room are read)."""
         shape = shape_key(query, key, value, sinks, scale, sliding_window, softcap, sink_slot)
-
-        def measure() -> float:
-            kernel = self.graphs.get(flex_span, shape)
-            return span_error(kernel, query, key, value, scale, sliding_window, softcap, sinks, sink_slot)
-
         settings = dict(scale=scale, sliding_window=sliding_window, softcap=softcap, sink_slot=sink_slot)
-        described = describe(dict(query=query, key=key, value=value), **settings)
-        return self._trusted(("decode", shape), measure, query.dtype, described)
+        if segments is None:
 
-    def pool_decode_trusted(
-        self,
-        query: Tensor,
-        key: Tensor,
-        value: Tensor,
-        kv_heads: int,
-        room: int,
-        scale: float,
-        sliding_window: int | None,
-        softcap: float | None = None,
-        sinks: Tensor | None = None,
-        sink_slot: int | None = None,
-    ) -> bool:
-        """:meth:`decode_trusted` for a pooled layer's pool ``key`` / ``value`` [B, 1, P, D] of ``kv_heads``."""
-        shape = (*shape_key(query, key, value, sinks, scale, sliding_window, softcap, sink_slot), kv_heads, room)
+            def measure() -> float:
+                kernel = self.graphs.get(flex_span, shape)
+                return span_error(kernel, query, key, value, scale, sliding_window, softcap, sinks, sink_slot)
 
-        def measure() -> float:
-            kernel = self.graphs.get(flex_pool_decode, shape)
+            described = describe(dict(query=query, key=key, value=value), **settings)
+            return self._trusted(("decode", shape), measure, query.dtype, described)
+        kv_heads, room = segments[0].shape[1], segments[2]
+        shape = (*shape, kv_heads, room)
+
+        def measure_pool() -> float:
+            kernel = self.graphs.get(flex_decode, shape)
             return pool_decode_error(
                 kernel, query, key, value, kv_heads, room, scale, sliding_window, softcap, sinks, sink_slot
             )
 
-        settings = dict(kv_heads=kv_heads, scale=scale, sliding_window=sliding_window, softcap=softcap)
-        described = describe(dict(query=query, pool_key=key, pool_value=value), **settings)
-        return self._trusted(("pooled decode", shape), measure, query.dtype, described)
+        described = describe(dict(query=query, pool_key=key, pool_value=value), kv_heads=kv_heads, **settings)
+        return self._trusted(("pooled decode", shape), measure_pool, query.dtype, described)
 
 
 def shape_key(query: Tensor, key: Tensor, value: Tensor, sinks: Tensor | None, *settings) -> tuple:

@@ -2,11 +2,11 @@
 
 * :func:`flex_span`: compiled FlexAttention of a multi-token forward (prompt chunks, teacher-forced replay) over
   staged slots, with a BlockMask from the slot mask_mod.
-* :func:`flex_span` with one query per row, and :func:`flex_pool_decode` for a pooled layer: compiled decoding
-  steps (``flex_step`` / ``flex_pool_step`` are the same functions as regions compiled once and shared by every
-  layer of a traced step).
-* :func:`sdpa_step` / :func:`pool_sdpa_step`: fused SDPA of one query per row over the slots with the validity as
-  its mask (an optional unmasked prefix): eager decoding, and compiled decoding where flex is not trusted.
+* :func:`flex_decode`: FlexAttention of one query per row over the slots of a uniform or a pooled layer, for
+  compiled decoding steps (``flex_step`` is the same function as a region compiled once and shared by every layer
+  of a traced step).
+* :func:`sdpa_step`: fused SDPA of one query per row over the slots each KV head may read (uniform or pooled), with
+  an optional unmasked prefix: eager decoding, and compiled decoding where flex is not trusted.
 * :func:`masked_sdpa`: the exact reference, SDPA with the slot rule as a dense mask (written out as
   :func:`dense_attention` when the model soft-caps logits or has sinks).
 
@@ -62,25 +62,30 @@ def flex_span(
     )
 
 
-def flex_pool_decode(
+# A pooled layer's (start, kept, room): KV head h owns the pool slots [start, start + kept + room).
+Segments = tuple[Tensor, Tensor, int]
+
+
+def flex_decode(
     query: Tensor,
     key: Tensor,
     value: Tensor,
     valid: Tensor,
     pos: Tensor,
-    start: Tensor,
-    kept: Tensor,
-    room: int,
     query_pos: Tensor,
     scale: float,
     sliding_window: int | None,
     softcap: float | None = None,
     sinks: Tensor | None = None,
     sink_slot: int | None = None,
+    segments: Segments | None = None,
 ) -> Tensor:
-    """:func:`flex_span` of one query per row over a pooled layer (pool.py): keys [B, 1, P, D] shared by every
-    query head, each head masked to its KV head's segment ``[start, start + kept + room)`` ([B, Hkv] each) and
-    visiting only that segment's blocks."""
+    """Flex decoding of one query per row [B, Hq, 1, D] over a layer's slots: [B, Hkv, S, D] (uniform), or a pool
+    [B, 1, P, D] shared by the KV heads with ``segments`` (head-adaptive budgets, pool.py), where each query head
+    sees, and visits the blocks of, only its KV head's segment."""
+    if segments is None:
+        return flex_span(query, key, value, valid, pos, query_pos, scale, sliding_window, softcap, sinks, sink_slot)
+    start, kept, room = segments
     group, slots = query.shape[1] // start.shape[1], key.shape[2]
     mask_mod = pooled_mask_mod(valid, pos, query_pos, start, kept, room, group, sliding_window, sink_slot)
     tables = segment_block_tables(start, start + kept + room, group, slots, sink_slot)
@@ -90,44 +95,10 @@ def flex_pool_decode(
 
 
 # Inside a traced decoding step: one region compiled once and reused by every layer.
-flex_step = torch.compiler.nested_compile_region(flex_span)
-flex_pool_step = torch.compiler.nested_compile_region(flex_pool_decode)
+flex_step = torch.compiler.nested_compile_region(flex_decode)
 
 
 def sdpa_step(
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    valid: Tensor,
-    pos: Tensor,
-    query_pos: Tensor,
-    scale: float,
-    sliding_window: int | None,
-    softcap: float | None = None,
-    sinks: Tensor | None = None,
-    prefix: int | None = None,
-) -> Tensor:
-    """One query per row over the slots with fused SDPA, the query group folded into the query length. Every valid
-    slot of a decoding step holds an earlier token, so validity (and the sliding window) is the whole rule; when the
-    host knows the first ``prefix`` slots are exactly the valid ones (no padding ever), no mask is needed at all.
-    With soft-capping or sinks (which SDPA cannot express) the attention is written out."""
-    batch, query_heads, _, dim = query.shape
-    kv_heads = key.shape[1]
-    folded = query.view(batch, kv_heads, query_heads // kv_heads, dim)
-    if prefix is not None and sliding_window is None and softcap is None and sinks is None:
-        out = F.scaled_dot_product_attention(folded, key[:, :, :prefix], value[:, :, :prefix], scale=scale)
-        return out.view(batch, query_heads, 1, -1)
-    allowed = valid[:, :, None, :]
-    if sliding_window is not None:
-        allowed = allowed & (query_pos[:, None, :, None] - pos[:, :, None, :] < sliding_window)
-    if softcap is not None or sinks is not None:
-        allowed = allowed.repeat_interleave(query_heads // kv_heads, dim=1)
-        return dense_attention(query, key, value, allowed, scale, softcap, sinks)
-    out = F.scaled_dot_product_attention(folded, key, value, attn_mask=allowed, scale=scale)
-    return out.view(batch, query_heads, 1, -1)
-
-
-def pool_sdpa_step(
     query: Tensor,
     key: Tensor,
     value: Tensor,
@@ -138,19 +109,30 @@ def pool_sdpa_step(
     sliding_window: int | None,
     softcap: float | None = None,
     sinks: Tensor | None = None,
+    prefix: int | None = None,
 ) -> Tensor:
-    """:func:`sdpa_step` over a pooled layer: keys [B, 1, P, D], ``allowed`` [B, Hkv, P] the valid slots each KV
-    head owns."""
+    """One query per row with fused SDPA over the slots each KV head may read, ``allowed`` [B, Hkv, S], the query
+    group folded into the query length; keys [B, Hkv, S, D], or [B, 1, S, D] shared by every head (a pool). Every
+    valid slot of a decoding step holds an earlier token, so ``allowed`` (and the sliding window, from ``pos``
+    [B, Hkv or 1, S]) is the whole rule; when the host knows the first ``prefix`` slots are exactly the allowed ones
+    (no padding ever, uniform slots), no mask is needed at all. With soft-capping or sinks (which SDPA cannot
+    express) the attention is written out."""
     batch, query_heads, _, dim = query.shape
     kv_heads = allowed.shape[1]
+    folded = query.view(batch, kv_heads, query_heads // kv_heads, dim)
+    if prefix is not None and sliding_window is None and softcap is None and sinks is None:
+        out = F.scaled_dot_product_attention(folded, key[:, :, :prefix], value[:, :, :prefix], scale=scale)
+        return out.view(batch, query_heads, 1, -1)
     if sliding_window is not None:
         allowed = allowed & (query_pos[:, None, :] - pos < sliding_window)
     if softcap is not None or sinks is not None:
         allowed = allowed[:, :, None, :].repeat_interleave(query_heads // kv_heads, dim=1)
-        return dense_attention(query, key, value, allowed, scale, softcap, sinks)
-    folded = query.view(batch, kv_heads, query_heads // kv_heads, dim)
-    mask = allowed[:, :, None, :]
-    out = F.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scale, enable_gqa=True)
+        keys = key.expand(-1, kv_heads, -1, -1)
+        return dense_attention(query, keys, value.expand(-1, kv_heads, -1, -1), allowed, scale, softcap, sinks)
+    shared = key.shape[1] != kv_heads
+    out = F.scaled_dot_product_attention(
+        folded, key, value, attn_mask=allowed[:, :, None, :], scale=scale, enable_gqa=shared
+    )
     return out.view(batch, query_heads, 1, -1)
 
 

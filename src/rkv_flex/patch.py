@@ -21,7 +21,7 @@ from .attention import ATTENTION_NAME, padding_mask, rkv_attention
 from .cache import LayerSpec, RKVCache
 from .compiled import GraphStore
 from .config import RKVConfig
-from .forward import feed
+from .forward import feed, prompt_pieces
 from .kernel_checks import KernelChecks
 
 
@@ -339,10 +339,10 @@ class PatchedGenerate:
                     f"the cache has seen {seen} tokens but input_ids holds {input_ids.shape[1]}: pass the whole "
                     "conversation so far (transformers' convention for continuing from a cache)"
                 )
-            new, chunk = input_ids.shape[1] - seen, config.prefill_chunk
-            if chunk is not None and config.compact_prompt and new > chunk:
+            pieces = prompt_pieces(input_ids.shape[1] - seen, config)
+            if len(pieces) > 1:  # all but the last piece; generate reads the last and decodes on
                 mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-                feed(model, cache, input_ids, mask, seen, seen + (new - 1) // chunk * chunk, chunk)
+                feed(model, cache, input_ids, mask, seen, pieces[:-1])
         kwargs["logits_processor"] = LogitsProcessorList(
             [*(kwargs.get("logits_processor") or []), CompactionScheduler(cache, compiles)]
         )

@@ -13,14 +13,55 @@ multi-token forwards work on a per-head view gathered from it (:meth:`PooledSlot
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 from torch import Tensor
 
-from .policies import SlotState
-from .slots import LayerSlots, record_queries, static
+from .policies import Policy, SlotState
+from .scoring import select_adaptive
+from .slots import LayerSlots, SlotStorage, static, write_rows
+
+if TYPE_CHECKING:
+    from .config import RKVConfig
 
 
-class PooledSlots:
+@torch.compiler.nested_compile_region
+def adaptive_region(policy: Policy, total: int, floor: int, ceiling: int, state: SlotState) -> Tensor:
+    """The slots [B, Hkv, S] a pooled layer keeps: ``total`` over its heads, shared out by score (a region compiled
+    once and reused by every layer of a traced compaction; a plain call when eager)."""
+    return select_adaptive(policy(state), state.valid, state.window, total, floor, ceiling)
+
+
+def allocate_slots(
+    config: RKVConfig,
+    query_group: int,
+    sinks: bool,
+    batch: int,
+    key_states: Tensor,
+    value_states: Tensor,
+    tracks_attention: bool,
+) -> SlotStorage:
+    """A layer's slot storage in the layout ``config.allocation`` names, for keys and values like the given ones
+    (their KV heads are the ones this process holds: tensor parallelism shards them)."""
+    _, kv_heads, _, key_dim = key_states.shape
+    shape = dict(
+        window=config.window,
+        key_dim=key_dim,
+        value_dim=value_states.shape[-1],
+        dtype=key_states.dtype,
+        device=key_states.device,
+        tracks_attention=tracks_attention,
+        sinks=sinks,
+    )
+    query_heads = kv_heads * query_group
+    if config.allocation == "adaptive":
+        ceiling = config.ceiling_slots
+        return PooledSlots.allocate(batch, kv_heads, query_heads, config.budget, config.buffer, ceiling, **shape)
+    return LayerSlots.allocate(batch, kv_heads, query_heads, config.capacity, **shape)
+
+
+class PooledSlots(SlotStorage):
     """One layer's pool: ``keys`` [B, 1, P, D], ``values`` [B, 1, P, Dv], ``valid``/``pos`` [B, 1, P], the query ring
     ``queries`` [B, Hq, W, D], ``attention_sum`` [B, 1, P] (policies that track it) and the segments ``start`` /
     ``kept`` [B, Hkv]."""
@@ -79,20 +120,6 @@ class PooledSlots:
         pool.reset()
         return pool
 
-    @property
-    def capacity(self) -> int:
-        """Slots in the pool, the sink slot included (it is the last)."""
-        return self.keys.shape[2]
-
-    @property
-    def token_slots(self) -> int:
-        """Slots that can hold tokens (all but the sink slot)."""
-        return self.capacity - self.sinks
-
-    @property
-    def kv_heads(self) -> int:
-        return self.start.shape[1]
-
     def tensors(self) -> dict[str, Tensor | None]:
         return {
             "keys": self.keys,
@@ -105,14 +132,19 @@ class PooledSlots:
             "kept": self.kept,
         }
 
-    def _with(self, tensors: dict[str, Tensor | None]) -> PooledSlots:
+    def _with(self, tensors: dict[str, Any]) -> PooledSlots:
         return PooledSlots(
             **tensors, budget=self.budget, buffer=self.buffer, view_length=self.view_length, sinks=self.sinks
         )
 
-    def narrow(self, rows: slice) -> PooledSlots:
-        """A view of some rows: writes through it land in this pool."""
-        return self._with({name: None if t is None else t[rows] for name, t in self.tensors().items()})
+    @property
+    def token_slots(self) -> int:
+        """Slots that can hold tokens (all but the sink slot)."""
+        return self.capacity - self.sinks
+
+    @property
+    def kv_heads(self) -> int:
+        return self.start.shape[1]
 
     # -- where each head's tokens are ----------------------------------------------------------------------------
     @property
@@ -130,7 +162,26 @@ class PooledSlots:
         appended ``used - budget`` tokens since it kept ``kept``)."""
         return self.kept + used[:, None] - self.budget
 
-    # -- writing ------------------------------------------------------------------------------------------------
+    # -- the protocol ---------------------------------------------------------------------------------------------
+    uniform = False
+
+    @property
+    def view_capacity(self) -> int:
+        return self.view_length + self.sinks
+
+    def allowed(self) -> Tensor:
+        return self.valid & self.owned()
+
+    @property
+    def segments(self) -> tuple[Tensor, Tensor, int]:
+        return self.start, self.kept, self.buffer
+
+    def per_head(self, tensor: Tensor) -> Tensor:
+        return tensor.expand(-1, self.kv_heads, *tensor.shape[2:])
+
+    def add_attention(self, received: Tensor) -> None:
+        self.attention_sum += received.sum(dim=1, keepdim=True)
+
     def append(
         self,
         keys: Tensor,
@@ -140,8 +191,6 @@ class PooledSlots:
         offset: int,
         attention: Tensor | None = None,
     ) -> None:
-        """Write L new tokens of every row and head [B, Hkv, L, D] after ``offset`` slots by the uniform count, with
-        the attention they already received [B, Hkv, L] (tracked policies; default none)."""
         batch, heads, length = keys.shape[:3]
         step = torch.arange(length, device=keys.device)
         at = ((self.start + self.kept - self.budget)[..., None] + offset + step).flatten(1)
@@ -151,7 +200,6 @@ class PooledSlots:
             self.attention_sum[:, 0].scatter_(1, at, attention.flatten(1))
 
     def append_rows(self, keys: Tensor, values: Tensor, positions: Tensor, slot: Tensor) -> None:
-        """Write one new token per row and head [B, Hkv, 1, D] at the row's uniform slot ``slot`` [B]."""
         heads = keys.shape[1]
         at = self.start + self.kept - self.budget + slot[:, None]
         valid = torch.ones_like(positions, dtype=torch.bool)
@@ -167,13 +215,18 @@ class PooledSlots:
         if self.attention_sum is not None:
             self.attention_sum[:, 0].scatter_(1, at, 0.0)
 
-    def record_queries(self, query: Tensor, ring: int | Tensor) -> None:
-        record_queries(self.queries, query, ring)
+    def keep_best(self, policy: Policy, config: RKVConfig, state: SlotState, rows: Tensor | None = None) -> None:
+        total = config.budget * self.kv_heads
+        self.repack(state, adaptive_region(policy, total, config.floor_slots, config.ceiling_slots, state), rows)
 
-    def add_attention(self, received: Tensor) -> None:
-        """Accumulate attention received [B, Hkv, P], computed with each head masked to its own slots (so it is zero
-        elsewhere)."""
-        self.attention_sum += received.sum(dim=1, keepdim=True)
+    def reset(self, rows: slice = slice(None)) -> None:
+        """Forget what some rows hold: every head back to its uniform segment."""
+        self.valid[rows] = False
+        if self.attention_sum is not None:
+            self.attention_sum[rows] = 0.0
+        head = torch.arange(self.kv_heads, device=self.start.device)
+        self.start[rows] = head * (self.budget + self.buffer)
+        self.kept[rows] = self.budget
 
     # -- the per-head view ---------------------------------------------------------------------------------------
     def sources(self, used: Tensor) -> tuple[Tensor, Tensor]:
@@ -209,10 +262,10 @@ class PooledSlots:
             pos=gathered(self.pos),
             queries=self.queries,
             attention_sum=gathered(self.attention_sum),
+            sinks=self.sinks,
         )
 
     def add_view_attention(self, used: Tensor, received: Tensor) -> None:
-        """Accumulate attention received [B, Hkv, V] by the slots of the per-head view at ``used``."""
         source, held = self.sources(used)
         self.attention_sum[:, 0].scatter_add_(1, source.flatten(1), (received[:, :, : held.shape[2]] * held).flatten(1))
 
@@ -244,31 +297,6 @@ class PooledSlots:
         if self.attention_sum is not None:
             updates["attention_sum"] = packed(source.attention_sum) * taken
         for name, front in updates.items():
-            tensor = getattr(self, name)
-            if rows is None:
-                tensor[:, 0, : self.token_slots].copy_(front)
-                continue
-            whole = tensor.index_select(0, rows)
-            whole[:, 0, : self.token_slots] = front
-            tensor.index_copy_(0, rows, whole)
-        for tensor, value in ((self.start, start), (self.kept, kept)):
-            if rows is None:
-                tensor.copy_(value)
-            else:
-                tensor.index_copy_(0, rows, value)
-
-    # -- whole-buffer changes -----------------------------------------------------------------------------------
-    def reorder(self, index: Tensor) -> None:
-        """Row ``i`` takes the state of row ``index[i]`` (beam search)."""
-        for tensor in self.tensors().values():
-            if tensor is not None:
-                tensor.copy_(tensor.index_select(0, index))
-
-    def reset(self, rows: slice = slice(None)) -> None:
-        """Forget what some rows hold: every head back to its uniform segment."""
-        self.valid[rows] = False
-        if self.attention_sum is not None:
-            self.attention_sum[rows] = 0.0
-        head = torch.arange(self.kv_heads, device=self.start.device)
-        self.start[rows] = head * (self.budget + self.buffer)
-        self.kept[rows] = self.budget
+            write_rows(getattr(self, name), front, rows, (0, slice(None, self.token_slots)))
+        write_rows(self.start, start, rows, ())
+        write_rows(self.kept, kept, rows, ())

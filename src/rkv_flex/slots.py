@@ -1,22 +1,35 @@
 """Slot storage: the tensors one decoder layer keeps, and the per-row counters every layer shares.
 
-A layer allocates ``capacity`` slots of K and V per sequence (row) and KV head once, with the absolute position and
-the validity of every slot, and a ring of the last ``window`` post-RoPE queries. Everything is written in place, so
-addresses and shapes never change: the decode step and the compaction step each compile to one static graph.
+A layer allocates its slots once: K and V per sequence (row), with the absolute position and the validity of every
+slot, and a ring of the last ``window`` post-RoPE queries. Everything is written in place, so addresses and shapes
+never change: the decode step and the compaction step each compile to one static graph.
 
-Writes come in two forms. Eager forwards of a batch in lockstep know where to write on the host and copy into a
-slice. Compiled decode steps (and rows at different fill levels) write one token per row at the row's own ``used``
-count, a device tensor, so no host value enters the graph.
+Two layouts implement one protocol (:class:`SlotStorage`), so the cache layer never asks which it holds:
+
+* :class:`LayerSlots` (uniform budgets): ``capacity`` slots per KV head, [B, Hkv, C, D];
+* :class:`~rkv_flex.pool.PooledSlots` (head-adaptive budgets): one pool per row shared by the KV heads, each head
+  owning a segment of it, [B, 1, P, D].
+
+Both present a per-head view for scoring, staging and the dense reference (``heads``), the slots each KV head may
+read (``allowed``), and their own selection and write-back at compaction (``keep_best``).
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from .policies import SlotState
+from .masks import window_mask
+from .policies import Policy, SlotState
+from .scoring import select_keep
+
+if TYPE_CHECKING:
+    from .config import RKVConfig
+    from .kernels import Segments
 
 
 def static(tensor: Tensor) -> Tensor:
@@ -42,11 +55,28 @@ def record_queries(ring_buffer: Tensor, query: Tensor, ring: int | Tensor) -> No
         ring_buffer.index_copy_(2, index, query[:, :, -kept:])
 
 
+def write_rows(tensor: Tensor, front: Tensor, rows: Tensor | None, region: tuple) -> None:
+    """``tensor[rows][region] = front`` in place (``rows`` None: every row)."""
+    if rows is None:
+        tensor[(slice(None), *region)].copy_(front)
+        return
+    whole = tensor.index_select(0, rows)
+    whole[(slice(None), *region)] = front
+    tensor.index_copy_(0, rows, whole)
+
+
+@torch.compiler.nested_compile_region
+def select_region(policy: Policy, keep: int, state: SlotState) -> Tensor:
+    """One layer's kept slots (uniform): a region compiled once and reused by every layer of a traced compaction (a
+    30-layer model otherwise compiles 30 copies of the same scoring kernels); a plain call when eager."""
+    return select_keep(policy(state), state.valid, state.window, keep)
+
+
 @dataclass
 class RowCounters:
     """Per-row state shared by all layers: every layer holds the same tokens' count."""
 
-    used: Tensor  # [B] int64: slots used
+    used: Tensor  # [B] int64: slots used (by the uniform count)
     seen: Tensor  # [B] int64: tokens fed (padding included), the next query ring index is seen % window
     query_valid: Tensor  # [B, W] bool: ring entries that hold a real token's queries
 
@@ -65,10 +95,141 @@ class RowCounters:
         for tensor in (self.used, self.seen, self.query_valid):
             tensor.copy_(tensor.index_select(0, index))
 
+    def advance_one(self) -> None:
+        """Every row takes one token: a decoding step (the same on the device, traced or eager)."""
+        self.used.add_(1)
+        self.seen.add_(1)
+        ring = (self.seen - 1) % self.query_valid.shape[1]
+        self.query_valid.scatter_(1, ring[:, None], True)
 
-class LayerSlots:
-    """One decoder layer's slots: ``keys`` [B, Hkv, C, D], ``values`` [B, Hkv, C, Dv], ``valid``/``pos`` [B, Hkv, C],
-    the query ring ``queries`` [B, Hq, W, D] and, for policies that track it, ``attention_sum`` [B, Hkv, C]."""
+
+class SlotStorage(ABC):
+    """What a layer's slots offer the cache layer, whatever their layout. Tensors common to both layouts: ``keys``,
+    ``values``, ``valid``, ``pos``, the query ring ``queries`` [B, Hq, W, D] and, for policies that track it,
+    ``attention_sum``."""
+
+    keys: Tensor
+    values: Tensor
+    valid: Tensor
+    pos: Tensor
+    queries: Tensor
+    attention_sum: Tensor | None
+    sinks: bool  # the last slot carries the model's attention sinks and never holds a token
+    uniform: bool  # every KV head has its own slots, in order: the used ones are a prefix of each head's
+
+    # -- what both layouts share ---------------------------------------------------------------------------------
+    @abstractmethod
+    def tensors(self) -> dict[str, Tensor | None]: ...
+
+    @abstractmethod
+    def _with(self, tensors: dict[str, Tensor | None]) -> SlotStorage: ...
+
+    def narrow(self, rows: slice) -> SlotStorage:
+        """A view of some rows: writes through it land in these slots."""
+        return self._with({name: None if t is None else t[rows] for name, t in self.tensors().items()})
+
+    def reorder(self, index: Tensor) -> None:
+        """Row ``i`` takes the state of row ``index[i]`` (beam search)."""
+        for tensor in self.tensors().values():
+            if tensor is not None:
+                tensor.copy_(tensor.index_select(0, index))
+
+    def record_queries(self, query: Tensor, ring: int | Tensor) -> None:
+        record_queries(self.queries, query, ring)
+
+    @property
+    def capacity(self) -> int:
+        """Slots in the stored tensors (the sink slot included, last)."""
+        return self.keys.shape[2]
+
+    @property
+    def sink_slot(self) -> int | None:
+        return self.capacity - 1 if self.sinks else None
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+    # -- what each layout does its own way ----------------------------------------------------------------------
+    @abstractmethod
+    def heads(self, used: Tensor) -> LayerSlots:
+        """Each KV head's slots in order, [B, Hkv, V, ...] (V: ``view_capacity``), when the rows hold ``used`` [B]."""
+
+    @property
+    @abstractmethod
+    def view_capacity(self) -> int:
+        """Slots per head of :meth:`heads` (the sink slot included, last)."""
+
+    @abstractmethod
+    def allowed(self) -> Tensor:
+        """[B, Hkv, S]: the stored slots each KV head may read (valid, and its own)."""
+
+    @property
+    @abstractmethod
+    def segments(self) -> Segments | None:
+        """Where each KV head's slots are in a shared pool (None: every head has its own)."""
+
+    @abstractmethod
+    def per_head(self, tensor: Tensor) -> Tensor:
+        """A stored-slot tensor [B, Hkv or 1, S, ...] as one per KV head."""
+
+    @abstractmethod
+    def add_attention(self, received: Tensor) -> None:
+        """Accumulate attention [B, Hkv, S] received by the stored slots (zero where a head may not read)."""
+
+    @abstractmethod
+    def add_view_attention(self, used: Tensor, received: Tensor) -> None:
+        """Accumulate attention [B, Hkv, V] received by the slots of :meth:`heads` at ``used``."""
+
+    @abstractmethod
+    def append(
+        self,
+        keys: Tensor,
+        values: Tensor,
+        positions: Tensor,
+        new_valid: Tensor | None,
+        offset: int,
+        attention: Tensor | None = None,
+    ) -> None:
+        """Write L new tokens of every row and KV head [B, Hkv, L, D] after ``offset`` slots (uniform count), with
+        the attention they already received [B, Hkv, L] (tracked policies; default none)."""
+
+    @abstractmethod
+    def append_rows(self, keys: Tensor, values: Tensor, positions: Tensor, slot: Tensor) -> None:
+        """Write one new token per row [B, Hkv, 1, D] at that row's slot ``slot`` [B] (uniform count; a device
+        tensor, so no host value enters a traced step)."""
+
+    @abstractmethod
+    def keep_best(self, policy: Policy, config: RKVConfig, state: SlotState, rows: Tensor | None = None) -> None:
+        """Compaction: select from the per-head ``state`` (of ``rows``, None: all) what the layout keeps, and keep
+        only that, each head's slots in order."""
+
+    @abstractmethod
+    def reset(self, rows: slice = slice(None)) -> None:
+        """Forget what some rows hold."""
+
+    def scoring_state(
+        self, used: Tensor, window: int, query_valid: Tensor, scaling: float, softcap: float | None
+    ) -> SlotState:
+        """The per-head view as a policy scores it at compaction: the ``window`` newest slots of each head marked."""
+        view = self.heads(used)
+        held = self.occupancy(used)
+        slot = torch.arange(view.capacity, device=used.device)
+        newest = (slot >= held[..., None] - window) & (slot < held[..., None])
+        return view.state(newest, query_valid, scaling, softcap)
+
+    @abstractmethod
+    def occupancy(self, used: Tensor) -> Tensor:
+        """[B, 1 or Hkv]: slots each head holds when its row has ``used`` [B] by the uniform count."""
+
+    def grown(self, capacity: int) -> SlotStorage:
+        raise NotImplementedError(f"{type(self).__name__} has a fixed size")
+
+
+class LayerSlots(SlotStorage):
+    """One decoder layer's slots, ``capacity`` per KV head: ``keys`` [B, Hkv, C, D], ``values`` [B, Hkv, C, Dv],
+    ``valid``/``pos`` [B, Hkv, C], the query ring ``queries`` [B, Hq, W, D] and, for policies that track it,
+    ``attention_sum`` [B, Hkv, C]. Also the per-head view every layout presents."""
 
     def __init__(
         self,
@@ -78,9 +239,10 @@ class LayerSlots:
         pos: Tensor,
         queries: Tensor,
         attention_sum: Tensor | None,
+        sinks: bool = False,
     ):
         self.keys, self.values, self.valid, self.pos = keys, values, valid, pos
-        self.queries, self.attention_sum = queries, attention_sum
+        self.queries, self.attention_sum, self.sinks = queries, attention_sum, sinks
 
     @classmethod
     def allocate(
@@ -95,8 +257,9 @@ class LayerSlots:
         dtype: torch.dtype,
         device: torch.device,
         tracks_attention: bool,
+        sinks: bool = False,
     ) -> LayerSlots:
-        slots = (batch, kv_heads, capacity)
+        slots = (batch, kv_heads, capacity + sinks)
         return cls(
             keys=static(torch.zeros(*slots, key_dim, dtype=dtype, device=device)),
             values=static(torch.zeros(*slots, value_dim, dtype=dtype, device=device)),
@@ -104,11 +267,8 @@ class LayerSlots:
             pos=static(torch.zeros(slots, dtype=torch.long, device=device)),
             queries=static(torch.zeros(batch, query_heads, window, key_dim, dtype=dtype, device=device)),
             attention_sum=static(torch.zeros(slots, dtype=torch.float32, device=device)) if tracks_attention else None,
+            sinks=sinks,
         )
-
-    @property
-    def capacity(self) -> int:
-        return self.keys.shape[2]
 
     def tensors(self) -> dict[str, Tensor | None]:
         return {
@@ -120,13 +280,47 @@ class LayerSlots:
             "attention_sum": self.attention_sum,
         }
 
-    def narrow(self, rows: slice) -> LayerSlots:
-        """A view of some rows: writes through it land in these slots."""
-        return LayerSlots(**{name: None if t is None else t[rows] for name, t in self.tensors().items()})
+    def _with(self, tensors: dict[str, Any]) -> LayerSlots:
+        return LayerSlots(**tensors, sinks=self.sinks)
 
-    # -- writing ------------------------------------------------------------------------------------------------
-    def append(self, keys: Tensor, values: Tensor, positions: Tensor, new_valid: Tensor | None, offset: int) -> None:
-        """Write L new tokens of every row at slots ``offset .. offset + L`` (rows in lockstep, eager)."""
+    # -- the protocol ---------------------------------------------------------------------------------------------
+    uniform = True
+
+    def heads(self, used: Tensor) -> LayerSlots:
+        return self
+
+    @property
+    def view_capacity(self) -> int:
+        return self.capacity
+
+    def allowed(self) -> Tensor:
+        return self.valid
+
+    @property
+    def segments(self) -> None:
+        return None
+
+    def per_head(self, tensor: Tensor) -> Tensor:
+        return tensor
+
+    def occupancy(self, used: Tensor) -> Tensor:
+        return used[:, None]
+
+    def add_attention(self, received: Tensor) -> None:
+        self.attention_sum += received
+
+    def add_view_attention(self, used: Tensor, received: Tensor) -> None:
+        self.attention_sum += received[:, :, : self.capacity]
+
+    def append(
+        self,
+        keys: Tensor,
+        values: Tensor,
+        positions: Tensor,
+        new_valid: Tensor | None,
+        offset: int,
+        attention: Tensor | None = None,
+    ) -> None:
         end = offset + keys.shape[2]
         self.keys[:, :, offset:end].copy_(keys)
         self.values[:, :, offset:end].copy_(values)
@@ -136,10 +330,9 @@ class LayerSlots:
         else:
             self.valid[:, :, offset:end].copy_(new_valid[:, None, :])
         if self.attention_sum is not None:
-            self.attention_sum[:, :, offset:end] = 0.0
+            self.attention_sum[:, :, offset:end] = 0.0 if attention is None else attention
 
     def append_rows(self, keys: Tensor, values: Tensor, positions: Tensor, slot: Tensor) -> None:
-        """Write one new token per row at that row's slot ``slot`` [B] (a device tensor: no host value)."""
         batch, kv_heads = keys.shape[:2]
         at = slot.view(batch, 1, 1).expand(batch, kv_heads, 1)
         self.keys.scatter_(2, at[..., None].expand(-1, -1, -1, keys.shape[-1]), keys)
@@ -149,10 +342,28 @@ class LayerSlots:
         if self.attention_sum is not None:
             self.attention_sum.scatter_(2, at, 0.0)
 
-    def record_queries(self, query: Tensor, ring: int | Tensor) -> None:
-        record_queries(self.queries, query, ring)
+    def keep_best(self, policy: Policy, config: RKVConfig, state: SlotState, rows: Tensor | None = None) -> None:
+        self.keep(state, select_region(policy, config.budget, state), rows)
 
-    # -- reading ------------------------------------------------------------------------------------------------
+    def reset(self, rows: slice = slice(None)) -> None:
+        self.valid[rows] = False
+        if self.attention_sum is not None:
+            self.attention_sum[rows] = 0.0
+
+    def grown(self, capacity: int) -> LayerSlots:
+        """A copy with more slots (for policies that never evict)."""
+
+        def wider(tensor: Tensor | None) -> Tensor | None:
+            if tensor is None:
+                return None
+            shape = list(tensor.shape)
+            shape[2] = capacity - shape[2]
+            return static(torch.cat([tensor, tensor.new_zeros(shape)], dim=2))
+
+        grown = {name: wider(t) for name, t in self.tensors().items() if name != "queries"}
+        return LayerSlots(queries=self.queries, sinks=self.sinks, **grown)
+
+    # -- what the per-head view offers ---------------------------------------------------------------------------
     def state(self, window: Tensor, query_valid: Tensor, scaling: float, softcap: float | None = None) -> SlotState:
         """The slots as a policy sees them."""
         return SlotState(
@@ -168,6 +379,12 @@ class LayerSlots:
             softcap,
         )
 
+    def window_state(
+        self, used: Tensor, window: int, query_valid: Tensor, scaling: float, softcap: float | None = None
+    ) -> SlotState:
+        """:meth:`state` with the ``window`` newest of ``used`` [B] slots marked."""
+        return self.state(window_mask(used, self.capacity, window), query_valid, scaling, softcap)
+
     def staged(
         self,
         keys: Tensor,
@@ -175,15 +392,14 @@ class LayerSlots:
         positions: Tensor,
         new_valid: Tensor,
         length: int,
-        used: int | Tensor,
+        used: Tensor,
         query_valid: Tensor,
         scaling: float,
         softcap: float | None = None,
     ) -> SlotState:
         """The slots followed by new tokens, padded with invalid ones to ``length`` new columns (so the shapes
         attention and selection compile for come from a few buckets). ``window`` marks the newest tokens: the new
-        ones, and when they are fewer than the window, the newest of the ``used`` slots too (``used``: a host int, or
-        [B, Hkv] per row and head)."""
+        ones, and when they are fewer than the window, the newest of the ``used`` [B, Hkv or 1] slots too."""
         batch, kv_heads, count = keys.shape[:3]
         pad = length - count
 
@@ -200,20 +416,15 @@ class LayerSlots:
         total, window = self.capacity + length, self.queries.shape[2]
         slot = torch.arange(total, device=keys.device)
         newest = self.capacity + count
+        used = used[..., None]
         in_window = (slot >= max(newest - window, self.capacity)) & (slot < newest)
-        if isinstance(used, Tensor):  # per row and head [B, Hkv] (a pooled layer's per-head view)
-            used = used[..., None]
-            in_window = in_window | ((slot >= used - (window - count)) & (slot < used.clamp(max=self.capacity)))
-            window_shape = in_window.shape
-        else:
-            in_window |= (slot >= used - (window - count)) & (slot < min(used, self.capacity))
-            window_shape = (batch, 1, total)
+        in_window = in_window | ((slot >= used - (window - count)) & (slot < used.clamp(max=self.capacity)))
         return SlotState(
             keys=joined(self.keys, keys, 0.0),
             values=joined(self.values, values, 0.0),
             valid=joined(self.valid, valid, False),
             pos=joined(self.pos, new_pos, -1),
-            window=in_window.expand(window_shape),
+            window=in_window,
             queries=self.queries,
             query_valid=query_valid,
             attention_sum=attention_sum,
@@ -221,7 +432,6 @@ class LayerSlots:
             softcap=softcap,
         )
 
-    # -- compaction -------------------------------------------------------------------------------------------
     def keep(self, source: SlotState, kept: Tensor, rows: Tensor | None = None) -> None:
         """Move the slots ``kept`` [B', Hkv, K] of ``source`` to the front (in order) and free the rest; ``rows``
         [B'] says which rows ``source`` holds (None: all)."""
@@ -236,42 +446,6 @@ class LayerSlots:
         if self.attention_sum is not None:
             updates["attention_sum"] = source.attention_sum.gather(2, kept)
         for name, front in updates.items():
-            tensor = getattr(self, name)
-            if rows is None:
-                tensor[:, :, :count].copy_(front)
-                continue
-            whole = tensor.index_select(0, rows)
-            whole[:, :, :count] = front
-            tensor.index_copy_(0, rows, whole)
-        if rows is None:
-            self.valid[:, :, count:] = False
-        else:
-            valid = self.valid.index_select(0, rows)
-            valid[:, :, count:] = False
-            self.valid.index_copy_(0, rows, valid)
-
-    # -- whole-buffer changes -----------------------------------------------------------------------------------
-    def grown(self, capacity: int) -> LayerSlots:
-        """A copy with more slots (for policies that never evict)."""
-
-        def wider(tensor: Tensor | None) -> Tensor | None:
-            if tensor is None:
-                return None
-            shape = list(tensor.shape)
-            shape[2] = capacity - shape[2]
-            return static(torch.cat([tensor, tensor.new_zeros(shape)], dim=2))
-
-        grown = {name: wider(t) for name, t in self.tensors().items() if name != "queries"}
-        return LayerSlots(queries=self.queries, **grown)
-
-    def reorder(self, index: Tensor) -> None:
-        """Row ``i`` takes the state of row ``index[i]`` (beam search)."""
-        for tensor in self.tensors().values():
-            if tensor is not None:
-                tensor.copy_(tensor.index_select(0, index))
-
-    def reset(self, rows: slice = slice(None)) -> None:
-        """Forget what some rows hold."""
-        self.valid[rows] = False
-        if self.attention_sum is not None:
-            self.attention_sum[rows] = 0.0
+            write_rows(getattr(self, name), front, rows, (slice(None), slice(None, count)))
+        free = self.valid.new_zeros(kept.shape[0], *self.valid.shape[1:2], self.capacity - count)
+        write_rows(self.valid, free, rows, (slice(None), slice(count, None)))

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from transformers import LogitsProcessor
 
-from .sampling import SamplingParams, filter_logits
+from ..sampling import SamplingParams, filter_logits
 
 
 class SharedNoiseSampler(LogitsProcessor):

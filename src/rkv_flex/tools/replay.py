@@ -14,16 +14,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .cache import RKVCache
-from .config import RKVConfig
-from .forward import forward_span, positions_from_mask
-from .planner import Planner
-
-
-def prompt_chunks(prompt: int, config: RKVConfig) -> list[int]:
-    """The forwards a prompt is fed in by ``generate`` (``prefill_chunk`` pieces when prompts may be compacted)."""
-    chunk = config.prefill_chunk if config.compact_prompt and config.prefill_chunk else prompt
-    return [min(chunk, prompt - start) for start in range(0, prompt, chunk)]
+from ..cache import RKVCache
+from ..config import RKVConfig
+from ..forward import forward_span, positions_from_mask, prompt_pieces
+from ..planner import Planner
 
 
 def fill_aligned_chunks(
@@ -34,7 +28,7 @@ def fill_aligned_chunks(
     ``step`` caps every chunk (e.g. for finer snapshots); chunks never exceed the free slots.
     """
     planner = Planner(config, 1, config.capacity, evicts)
-    for size in prompt_chunks(prompt, config):
+    for size in prompt_pieces(prompt, config):
         planner.plan(size)
         planner.ran()
     chunks, remaining = [], total - prompt
@@ -72,7 +66,7 @@ def replay(
         attention_mask = torch.ones_like(input_ids)
     positions = positions_from_mask(attention_mask)
     config = cache.config
-    bounds = list(itertools.accumulate(prompt_chunks(prompt, config), initial=0))
+    bounds = list(itertools.accumulate(prompt_pieces(prompt, config), initial=0))
     last_prompt_chunk = len(bounds) - 2
     for size in fill_aligned_chunks(prompt, total, config, cache.evicts, step):
         bounds.append(bounds[-1] + size)

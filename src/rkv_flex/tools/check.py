@@ -16,11 +16,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .cache import compact_layers
-from .config import RKVConfig
-from .engine import StepBuffers, forward_step
-from .forward import feed
-from .patch import is_patched, make_cache, patch_model, patch_record, unpatch_model
+from ..cache import compact_layers
+from ..config import RKVConfig
+from ..engine import StepBuffers, forward_step
+from ..forward import feed, prompt_pieces
+from ..patch import is_patched, make_cache, patch_model, patch_record, unpatch_model
 from .replay import replay
 
 DEFAULT_TEXT = (
@@ -205,7 +205,7 @@ def compiled_and_eager_steps(model: Any, config: RKVConfig, sequence: Tensor) ->
     results, kernels = [], ()
     for compile in (True, False):
         cache = make_cache(model)
-        feed(model, cache, sequence, torch.ones_like(sequence), 0, start, config.prefill_chunk)
+        feed(model, cache, sequence, torch.ones_like(sequence), 0, prompt_pieces(start, config))
         buffers = StepBuffers.allocate(1, model.get_output_embeddings().weight.shape[0], model.device)
         step = forward_step
         if compile:

@@ -127,7 +127,7 @@ def answers_as_they_finish(
     model: Any, tokenizer: Any, problems: list[MathProblem], max_new_tokens: int, batch: int, compile: bool
 ) -> Iterator[tuple[int, list[int]]]:
     """(problem index, generated token ids) for every problem, in the order they finish."""
-    from .engine import Engine
+    from ..engine import Engine
 
     if compile:
         prompts = [tokenizer(chat_prompt(tokenizer, p.question)).input_ids for p in problems]
