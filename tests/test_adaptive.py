@@ -240,17 +240,49 @@ def test_each_layer_shares_its_budget_out_unevenly_within_floor_and_ceiling(comp
     assert uneven
 
 
+def held_storage(cache) -> dict[str, int]:
+    """Bytes of every tensor the cache holds, K/V or other, found by walking its objects (not read off a formula or
+    a list of names: a stray temporary kept on any of them counts), each storage once."""
+    seen_objects, seen_storage, held = set(), set(), {"kv": 0, "other": 0}
+
+    def walk(obj, name: str = "") -> None:
+        if id(obj) in seen_objects:
+            return
+        seen_objects.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            storage = obj.untyped_storage()
+            if storage.data_ptr() not in seen_storage:
+                seen_storage.add(storage.data_ptr())
+                held["kv" if name in ("keys", "values") else "other"] += storage.nbytes()
+        elif isinstance(obj, (list, tuple)):
+            for item in obj:
+                walk(item, name)
+        elif type(obj).__module__.startswith("rkv_flex") and hasattr(obj, "__dict__"):
+            for attribute, value in vars(obj).items():
+                walk(value, attribute)
+
+    walk(cache)
+    return held
+
+
 def test_adaptive_holds_exactly_the_bytes_of_uniform():
+    """After decoding through compactions, the pooled layout's K and V storage equals the uniform layout's (and the
+    tensor formula 2 layers x K,V x 2 rows x 2 heads x 24 slots x 16 dims x 4 bytes); everything else the cache
+    holds (positions, validity, the query ring, counters, segment offsets) differs by the two [B, Hkv] segment
+    tensors alone."""
     ids, mask = padded_prompt(2, 9, [0, 3], seed=8)
     held = {}
     for allocation in ("uniform", "adaptive"):
         model = patch_model(tiny_model("llama", 6, 2, seed=1), budget=BUDGET, buffer=BUFFER, allocation=allocation)
         cache = make_cache(model)
         greedy(model, ids, mask, 30, cache=cache)
-        held[allocation] = cache.kv_bytes
+        held[allocation] = held_storage(cache)
         assert cache.compactions >= 1
+        assert cache.kv_bytes == held[allocation]["kv"]
         unpatch_model(model)
-    assert held["adaptive"] == held["uniform"] == 2 * 2 * 2 * 2 * (BUDGET + BUFFER) * 16 * 4  # layers K+V B Hkv C D
+    assert held["adaptive"]["kv"] == held["uniform"]["kv"] == 2 * 2 * 2 * 2 * (BUDGET + BUFFER) * 16 * 4
+    segments = 2 * 2 * 2 * 2 * 8  # start and kept, [B, Hkv] int64, per layer
+    assert held["adaptive"]["other"] == held["uniform"]["other"] + segments
 
 
 def test_position_blind_policies_refuse_adaptive_allocation():

@@ -84,6 +84,40 @@ def test_sliding_window_layers_match_stock():
     assert_same_decoding(stock, greedy(model, ids, mask, 10))
 
 
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    heads=st.sampled_from(HEAD_LAYOUTS),
+    length=st.integers(1, 30),
+    new_tokens=st.integers(1, 12),
+    seed=st.integers(0, 2**16),
+)
+def test_the_default_eager_step_at_batch_one_matches_stock(heads, length, new_tokens, seed):
+    """The one-line path's own decoding step: batch 1, no padding, default settings. Every step takes SDPA over
+    the used slots with no mask at all (the host knows they are exactly the valid ones): tokens and logits as
+    stock's, and the unmasked path is really the one taken."""
+    import rkv_flex.attention as attention
+
+    model = tiny_model("llama", *heads, seed=seed)
+    ids, mask = padded_prompt(1, length, seed=seed)
+    stock = greedy(model, ids, mask, new_tokens)
+    patch_model(model, budget=32, buffer=16)
+    prefixes = []
+    real_step = attention.sdpa_step
+
+    def spy(*args, prefix=None, **kwargs):
+        prefixes.append(prefix)
+        return real_step(*args, prefix=prefix, **kwargs)
+
+    attention.sdpa_step = spy
+    try:
+        assert_same_decoding(stock, greedy(model, ids, mask, new_tokens))
+    finally:
+        attention.sdpa_step = real_step
+    steps = new_tokens - 1 + (length == 1)  # a one-token prompt is read as a decoding step too
+    assert len(prefixes) == 2 * steps  # two layers
+    assert all(prefix is not None for prefix in prefixes)
+
+
 def test_cache_free_forward_matches_stock():
     model = tiny_model("qwen2", 6, 2, seed=11)
     ids, mask = padded_prompt(3, 10, [0, 2, 5], seed=11)
@@ -94,14 +128,29 @@ def test_cache_free_forward_matches_stock():
     torch.testing.assert_close(patched[real], stock[real], rtol=1e-5, atol=1e-5)
 
 
+def attention_implementations(model) -> dict[str, str]:
+    return {name: m.config._attn_implementation for name, m in model.named_modules() if hasattr(m, "config")}
+
+
 def test_unpatch_restores_the_model_exactly():
+    """Every attribute is the same object again, every module's attention implementation and generate are stock,
+    and the model computes exactly what it computed before (logits and generated tokens)."""
     model = tiny_model("llama", 4, 2)
-    before = (model.config._attn_implementation, dict(model.__dict__).keys())
+    ids, mask = padded_prompt(2, 7, [0, 2], seed=3)
+    logits, tokens = model(input_ids=ids, attention_mask=mask).logits, greedy(model, ids, mask, 5)[0]
+    attributes = dict(model.__dict__)
+    implementations = attention_implementations(model)
     patch_model(model, budget=16)
-    assert model.config._attn_implementation == "rkv_flex"
+    assert model.config._attn_implementation == "rkv_flex" and "generate" in model.__dict__
     unpatch_model(model)
-    assert (model.config._attn_implementation, model.__dict__.keys()) == before
-    assert "generate" not in model.__dict__
+    assert model.__dict__.keys() == attributes.keys()
+    assert all(model.__dict__[name] is value for name, value in attributes.items())
+    assert {
+        n: m.config._attn_implementation for n, m in model.named_modules() if hasattr(m, "config")
+    } == implementations
+    assert type(model).generate is model.generate.__func__
+    assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, logits)
+    assert torch.equal(greedy(model, ids, mask, 5)[0], tokens)
 
 
 def test_beam_search_with_eviction_scores_each_beam_as_its_own_cache_would():
