@@ -72,6 +72,34 @@ def test_an_engine_continues_each_rows_conversation():
         assert two[0, len(prompt) + len(reply) + 3 :].tolist() == again
 
 
+@pytest.mark.parametrize("compile", [True, False])
+def test_a_row_that_finishes_early_keeps_its_conversation_exactly(compile):
+    """Row 0 stops at its end-of-sequence id long before row 1 stops: the steps after it do not feed it (its slots
+    and counters stay as they were), so its next turn continues exactly as its conversation alone would."""
+    model = patch_model(tiny_model("qwen2", 6, 2, seed=5), budget=16, buffer=8, window=4)
+    prompts = [padded_prompt(1, n, seed=n)[0][0].tolist() for n in (7, 19)]
+    with Engine(model, batch_size=2, compile=compile) as engine:
+        free = engine.generate(prompts, max_new_tokens=NEW)
+        eos = free[0][4]
+        replies = engine.generate(prompts, max_new_tokens=NEW, eos_token_id=[[eos], []])
+        assert len(replies[0]) == 5 and len(replies[1]) == NEW
+        follow_ups = [p + r + list(range(10, 30)) for p, r in zip(prompts, replies, strict=True)]
+        second = engine.generate(follow_ups, max_new_tokens=10, continue_rows=True)
+    for prompt, reply, follow_up, again in zip(prompts, replies, follow_ups, second, strict=True):
+        cache = make_cache(model)
+        model.generate(
+            input_ids=torch.tensor([prompt]),
+            max_new_tokens=len(reply),
+            min_new_tokens=len(reply),
+            do_sample=False,
+            cache=cache,
+        )
+        alone = model.generate(
+            input_ids=torch.tensor([follow_up]), max_new_tokens=10, min_new_tokens=10, do_sample=False, cache=cache
+        )
+        assert alone[0, len(follow_up) :].tolist() == again
+
+
 def test_a_conversation_must_hold_what_the_cache_has_seen():
     model = patch_model(tiny_model("llama", 4, 2, seed=6), budget=16, buffer=8, window=4)
     first, _ = turns(6)

@@ -133,7 +133,8 @@ class RKVLayer(CacheLayerMixin):
             self.incoming = (key_states, value_states, positions)
             return key_states, value_states
         slots = self.view
-        slots.append_rows(key_states, value_states, positions, self.counters.used - 1)
+        counters = self.counters
+        slots.append_rows(key_states, value_states, positions, counters.used - 1, counters.fed)
         return slots.keys, slots.values
 
     def _check(self, key_states: Tensor) -> None:
@@ -150,7 +151,7 @@ class RKVLayer(CacheLayerMixin):
         """A decoding step's queries [B, Hq, 1, D]: keep them in the ring, accumulate attention if tracked."""
         self._learn_scaling(scaling)
         slots, counters = self.view, self.counters
-        slots.record_queries(query, (counters.seen - 1) % self.config.window)
+        slots.record_queries(query, (counters.seen - 1) % self.config.window, counters.fed)
         if slots.attention_sum is not None:
             received = received_attention(
                 query,
@@ -164,7 +165,7 @@ class RKVLayer(CacheLayerMixin):
                 softcap=self.softcap,
                 sinks=self.sinks,
             )
-            slots.add_attention(received)
+            slots.add_attention(received * counters.fed[:, None, None])
 
     def stage(self, query: Tensor, padding: Tensor | None, scaling: float, length: int) -> SlotState:
         """A span: each head's used slots followed by the new tokens (padded to ``length`` columns), with the new
@@ -209,7 +210,7 @@ class RKVLayer(CacheLayerMixin):
         """After a span's attention: append its tokens, or keep ``budget`` of the staged slots."""
         plan, slots = self.shared.plan, self.view
         if plan.staged:
-            slots.keep_best(self.policy, self.config, staged)
+            slots.keep_best(self.policy, self.config, staged, None, None)
             return
         count = plan.length
         new = slice(slots.view_capacity, slots.view_capacity + count)
@@ -260,13 +261,15 @@ class RKVLayer(CacheLayerMixin):
         used = counters.used.to(slots.keys.device)
         query_valid = counters.query_valid.to(used.device)
         state = slots.scoring_state(used, self.config.window, query_valid, self.scaling, self.softcap)
+        fed = counters.fed
         if rows is not None:
             state = SlotState(
                 *(None if t is None else t.index_select(0, rows) for t in _tensors(state)),
                 scaling=state.scaling,
                 softcap=state.softcap,
             )
-        slots.keep_best(self.policy, self.config, state, rows)
+            fed = fed.index_select(0, rows)
+        slots.keep_best(self.policy, self.config, state, rows, fed)
 
     # -- bookkeeping --------------------------------------------------------------------------------------------
     def get_seq_length(self) -> int:
@@ -317,10 +320,11 @@ def compact_layers(layers: list[RKVLayer], counters: RowCounters, budget: int, r
     """Compact every layer back to ``budget`` slots for ``rows`` (None: all): one graph when compiled."""
     for layer in layers:
         layer.compact(rows)
+    compacted = counters.used.masked_fill(counters.fed, budget)  # rows not fed keep their state
     if rows is None:
-        counters.used.fill_(budget)
+        counters.used.copy_(compacted)
     else:
-        counters.used.index_fill_(0, rows, budget)
+        counters.used.index_copy_(0, rows, compacted.index_select(0, rows))
 
 
 class RKVCache(Cache):
@@ -379,8 +383,8 @@ class RKVCache(Cache):
         self.planner.pending = None
         if plan.length != length:
             raise RuntimeError(f"a forward of {plan.length} tokens was planned but {length} arrived")
-        if self.shared.rows == slice(None) and len(plan.rows) != self.planner.batch:
-            raise RuntimeError("a forward planned for some rows must feed them alone (cache.feeding(rows))")
+        if self.shared.rows == slice(None) and len(plan.rows) != self.planner.batch and length > 1:
+            raise RuntimeError("a span planned for some rows must feed them alone (cache.feeding(rows))")
         self.shared.plan = plan
         return plan
 
@@ -450,6 +454,14 @@ class RKVCache(Cache):
         plan = self._plan(length, rows)
         self.shared.plan = plan
         return plan
+
+    def sync_rows(self, rows: list[int]) -> None:
+        """The host counters of ``rows`` from the device: rows a decoding step did not feed (an engine's finished
+        rows, which the host notices some steps later) stayed where they were."""
+        counters = self.shared.counters
+        used, seen = counters.used[rows].tolist(), counters.seen[rows].tolist()
+        for row, row_used, row_seen in zip(rows, used, seen, strict=True):
+            self.planner.used[row], self.planner.seen[row] = row_used, row_seen
 
     def step_ran(self) -> None:
         """A compiled step ran the planned forward (its traced code cannot tell the host)."""

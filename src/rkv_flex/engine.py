@@ -66,7 +66,9 @@ class StepBuffers:
 
 
 def forward_step(model: Any, cache: RKVCache, buffers: StepBuffers) -> None:
-    """One token per row through the model; the last position's logits into ``buffers.logits``."""
+    """One token per row through the model; the last position's logits into ``buffers.logits``. Rows that have
+    finished (or hold no request) are not fed: their slots and counters stay as they are."""
+    cache.shared.counters.fed.copy_(~buffers.finished)
     logits = model(input_ids=buffers.tokens, position_ids=buffers.positions, cache=cache, use_cache=True).logits
     buffers.logits.copy_(logits[:, -1])
 
@@ -77,7 +79,7 @@ def choose_step(buffers: StepBuffers, variant: str) -> None:
     chosen = torch.where(buffers.finished, buffers.pad_ids, chosen)
     buffers.finished.logical_or_((chosen[:, None] == buffers.stop_ids).any(dim=-1))
     buffers.tokens.copy_(chosen[:, None])
-    buffers.positions.add_(1)
+    buffers.positions.add_((~buffers.finished)[:, None])
     buffers.steps.add_(1)
 
 
@@ -216,6 +218,8 @@ class Engine:
         finally:
             self._rows = [None] * self.batch_size
             self.cache.cancel_plan()
+            if self.cache.shared.counters is not None:  # other drivers of this cache feed every row
+                self.cache.shared.counters.fed.fill_(True)
             self._lock.release()
 
     def _check_continuation(self, requests: list[Request]) -> None:
@@ -246,22 +250,12 @@ class Engine:
             yield from self._collect(torch.stack(tokens, dim=1).cpu())
 
     def _step(self, variant: str) -> Tensor:
-        self._park_idle_rows()
-        self.cache.begin_step(1)
+        self.cache.begin_step(1, tuple(r for r, row in enumerate(self._rows) if row is not None))
         self._forward(self.model, self.cache, self.buffers)
         self.cache.step_ran()
         self._choose(self.buffers, variant)
         self.steps_run += 1
         return self.buffers.tokens[:, 0].clone()
-
-    def _park_idle_rows(self) -> None:
-        """Rows without a request decode pad tokens; empty them (slots and positions) instead of compacting them
-        when they fill."""
-        planner = self.cache.planner
-        full = [r for r, row in enumerate(self._rows) if row is None and planner.used[r] == planner.capacity]
-        if full:
-            self.cache.reset_rows(full)
-            self.buffers.positions[full] = 0
 
     def _warm_up(self, variants: set[str]) -> None:
         """Compile (and check) every graph decoding will need, on the cache's and buffers' own tensors (restored
@@ -335,7 +329,15 @@ class Engine:
         return int(first[0])
 
     def _collect(self, tokens: Tensor) -> Iterator[Completion]:
-        """Hand each active row's new tokens to its request, up to its stop id or length; free finished rows."""
+        """Hand each active row's new tokens to its request, up to its stop id or length; free finished rows (the
+        device stopped feeding them at their stop id: the host takes their counters from it)."""
+        finishing = [
+            row
+            for row, state in enumerate(self._rows)
+            if state is not None and any(token in state.request.stop_ids for token in tokens[row].tolist())
+        ]
+        if finishing:
+            self.cache.sync_rows(finishing)
         for row, state in enumerate(self._rows):
             if state is None:
                 continue
@@ -376,7 +378,7 @@ def preserved(cache: RKVCache, buffers: StepBuffers) -> Iterator[None]:
     """Whatever runs inside leaves the cache's slots and counters and the step buffers as they were."""
     tensors = [tensor for layer in cache.layers for tensor in layer.slots.tensors().values() if tensor is not None]
     counters = cache.shared.counters
-    tensors += [counters.used, counters.seen, counters.query_valid]
+    tensors += [counters.used, counters.seen, counters.query_valid, counters.fed]
     tensors += [value for value in vars(buffers).values() if isinstance(value, Tensor)]
     tensors += list(vars(buffers.sampling).values())
     saved = [tensor.clone() for tensor in tensors]

@@ -199,25 +199,44 @@ class PooledSlots(SlotStorage):
         if attention is not None and self.attention_sum is not None:
             self.attention_sum[:, 0].scatter_(1, at, attention.flatten(1))
 
-    def append_rows(self, keys: Tensor, values: Tensor, positions: Tensor, slot: Tensor) -> None:
+    def append_rows(self, keys: Tensor, values: Tensor, positions: Tensor, slot: Tensor, fed: Tensor) -> None:
         heads = keys.shape[1]
-        at = self.start + self.kept - self.budget + slot[:, None]
+        at = (self.start + self.kept - self.budget + slot[:, None]).clamp(min=0)
         valid = torch.ones_like(positions, dtype=torch.bool)
-        self._scatter(at, keys[:, :, 0], values[:, :, 0], positions, valid, heads)
+        self._scatter(at, keys[:, :, 0], values[:, :, 0], positions, valid, heads, fed)
 
-    def _scatter(self, at: Tensor, keys: Tensor, values: Tensor, positions: Tensor, valid: Tensor, heads: int) -> None:
-        """Tokens [B, N, D] to pool slots ``at`` [B, N] (N = heads x tokens, head-major); ``positions`` and
-        ``valid`` [B, tokens] are the same for every head."""
-        self.keys[:, 0].scatter_(1, at[..., None].expand(-1, -1, keys.shape[-1]), keys)
-        self.values[:, 0].scatter_(1, at[..., None].expand(-1, -1, values.shape[-1]), values)
-        self.pos[:, 0].scatter_(1, at, positions.repeat(1, heads))
-        self.valid[:, 0].scatter_(1, at, valid.repeat(1, heads))
+    def _scatter(
+        self,
+        at: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        positions: Tensor,
+        valid: Tensor,
+        heads: int,
+        fed: Tensor | None = None,
+    ) -> None:
+        """Tokens [B, N, D] to pool slots ``at`` [B, N] (N = heads x tokens, head-major), in the rows ``fed`` [B]
+        only (None: all); ``positions`` and ``valid`` [B, tokens] are the same for every head."""
+
+        def write(pool: Tensor, new: Tensor) -> None:
+            index = at.view(*at.shape, *(1,) * (pool.dim() - 2)).expand(-1, -1, *pool.shape[2:])
+            if fed is not None:
+                new = torch.where(fed.view(-1, *(1,) * (pool.dim() - 1)), new, pool.gather(1, index))
+            pool.scatter_(1, index, new)
+
+        write(self.keys[:, 0], keys)
+        write(self.values[:, 0], values)
+        write(self.pos[:, 0], positions.repeat(1, heads))
+        write(self.valid[:, 0], valid.repeat(1, heads))
         if self.attention_sum is not None:
-            self.attention_sum[:, 0].scatter_(1, at, 0.0)
+            write(self.attention_sum[:, 0], torch.zeros_like(at, dtype=self.attention_sum.dtype))
 
-    def keep_best(self, policy: Policy, config: RKVConfig, state: SlotState, rows: Tensor | None = None) -> None:
+    def keep_best(
+        self, policy: Policy, config: RKVConfig, state: SlotState, rows: Tensor | None, fed: Tensor | None
+    ) -> None:
         total = config.budget * self.kv_heads
-        self.repack(state, adaptive_region(policy, total, config.floor_slots, config.ceiling_slots, state), rows)
+        keep = adaptive_region(policy, total, config.floor_slots, config.ceiling_slots, state)
+        self.repack(state, keep, rows, fed)
 
     def reset(self, rows: slice = slice(None)) -> None:
         """Forget what some rows hold: every head back to its uniform segment."""
@@ -270,10 +289,10 @@ class PooledSlots(SlotStorage):
         self.attention_sum[:, 0].scatter_add_(1, source.flatten(1), (received[:, :, : held.shape[2]] * held).flatten(1))
 
     # -- compaction ---------------------------------------------------------------------------------------------
-    def repack(self, source: SlotState, keep: Tensor, rows: Tensor | None = None) -> None:
+    def repack(self, source: SlotState, keep: Tensor, rows: Tensor | None = None, fed: Tensor | None = None) -> None:
         """Keep the slots ``keep`` [B', Hkv, S] of the per-head ``source`` [B', Hkv, S]: each head's kept slots
         become its segment's first ones (in order), followed by ``buffer`` free slots; ``rows`` [B'] says which rows
-        ``source`` holds (None: all)."""
+        ``source`` holds (None: all), ``fed`` [B'] which of them change (None: all)."""
         length = keep.shape[-1]
         kept = keep.sum(dim=-1)
         segment = kept + self.buffer
@@ -297,6 +316,6 @@ class PooledSlots(SlotStorage):
         if self.attention_sum is not None:
             updates["attention_sum"] = packed(source.attention_sum) * taken
         for name, front in updates.items():
-            write_rows(getattr(self, name), front, rows, (0, slice(None, self.token_slots)))
-        write_rows(self.start, start, rows, ())
-        write_rows(self.kept, kept, rows, ())
+            write_rows(getattr(self, name), front, rows, (0, slice(None, self.token_slots)), fed)
+        write_rows(self.start, start, rows, (), fed)
+        write_rows(self.kept, kept, rows, (), fed)

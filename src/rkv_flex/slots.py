@@ -39,13 +39,16 @@ def static(tensor: Tensor) -> Tensor:
     return tensor
 
 
-def record_queries(ring_buffer: Tensor, query: Tensor, ring: int | Tensor) -> None:
+def record_queries(ring_buffer: Tensor, query: Tensor, ring: int | Tensor, fed: Tensor | None = None) -> None:
     """Keep the last ``min(L, W)`` queries [B, Hq, L, D] in the ring [B, Hq, W, D], the first at index ``ring``: a
-    host int (rows in lockstep) or a [B] tensor (one query per row)."""
+    host int (rows in lockstep) or a [B] tensor (one query per row, and only for the rows ``fed`` [B])."""
     window = ring_buffer.shape[2]
     if isinstance(ring, Tensor):
         at = ring.view(-1, 1, 1, 1).expand(-1, query.shape[1], 1, query.shape[-1])
-        ring_buffer.scatter_(2, at, query[:, :, -1:])
+        new = query[:, :, -1:]
+        if fed is not None:
+            new = torch.where(fed[:, None, None, None], new, ring_buffer.gather(2, at))
+        ring_buffer.scatter_(2, at, new)
         return
     kept = min(query.shape[2], window)
     if ring + kept <= window:
@@ -55,14 +58,15 @@ def record_queries(ring_buffer: Tensor, query: Tensor, ring: int | Tensor) -> No
         ring_buffer.index_copy_(2, index, query[:, :, -kept:])
 
 
-def write_rows(tensor: Tensor, front: Tensor, rows: Tensor | None, region: tuple) -> None:
-    """``tensor[rows][region] = front`` in place (``rows`` None: every row)."""
-    if rows is None:
-        tensor[(slice(None), *region)].copy_(front)
-        return
-    whole = tensor.index_select(0, rows)
-    whole[(slice(None), *region)] = front
-    tensor.index_copy_(0, rows, whole)
+def write_rows(tensor: Tensor, front: Tensor, rows: Tensor | None, region: tuple, fed: Tensor | None = None) -> None:
+    """``tensor[rows][region] = front`` in place (``rows`` None: every row), for the rows ``fed`` [B'] only."""
+    whole = tensor if rows is None else tensor.index_select(0, rows)
+    part = whole[(slice(None), *region)]
+    if fed is not None:
+        front = torch.where(fed.view(-1, *(1,) * (front.dim() - 1)), front, part)
+    part.copy_(front)
+    if rows is not None:
+        tensor.index_copy_(0, rows, whole)
 
 
 @torch.compiler.nested_compile_region
@@ -79,6 +83,7 @@ class RowCounters:
     used: Tensor  # [B] int64: slots used (by the uniform count)
     seen: Tensor  # [B] int64: tokens fed (padding included), the next query ring index is seen % window
     query_valid: Tensor  # [B, W] bool: ring entries that hold a real token's queries
+    fed: Tensor  # [B] bool: the rows a decoding step feeds (an engine's finished or idle rows keep their state)
 
     @classmethod
     def allocate(cls, batch: int, window: int, device: torch.device) -> RowCounters:
@@ -86,21 +91,22 @@ class RowCounters:
             used=static(torch.zeros(batch, dtype=torch.long, device=device)),
             seen=static(torch.zeros(batch, dtype=torch.long, device=device)),
             query_valid=static(torch.zeros(batch, window, dtype=torch.bool, device=device)),
+            fed=static(torch.ones(batch, dtype=torch.bool, device=device)),
         )
 
     def narrow(self, rows: slice) -> RowCounters:
-        return RowCounters(self.used[rows], self.seen[rows], self.query_valid[rows])
+        return RowCounters(self.used[rows], self.seen[rows], self.query_valid[rows], self.fed[rows])
 
     def reorder(self, index: Tensor) -> None:
-        for tensor in (self.used, self.seen, self.query_valid):
+        for tensor in (self.used, self.seen, self.query_valid, self.fed):
             tensor.copy_(tensor.index_select(0, index))
 
     def advance_one(self) -> None:
-        """Every row takes one token: a decoding step (the same on the device, traced or eager)."""
-        self.used.add_(1)
-        self.seen.add_(1)
-        ring = (self.seen - 1) % self.query_valid.shape[1]
-        self.query_valid.scatter_(1, ring[:, None], True)
+        """Every fed row takes one token: a decoding step (the same on the device, traced or eager)."""
+        self.used.add_(self.fed)
+        self.seen.add_(self.fed)
+        ring = ((self.seen - 1) % self.query_valid.shape[1])[:, None]
+        self.query_valid.scatter_(1, ring, self.query_valid.gather(1, ring) | self.fed[:, None])
 
 
 class SlotStorage(ABC):
@@ -134,8 +140,8 @@ class SlotStorage(ABC):
             if tensor is not None:
                 tensor.copy_(tensor.index_select(0, index))
 
-    def record_queries(self, query: Tensor, ring: int | Tensor) -> None:
-        record_queries(self.queries, query, ring)
+    def record_queries(self, query: Tensor, ring: int | Tensor, fed: Tensor | None = None) -> None:
+        record_queries(self.queries, query, ring, fed)
 
     @property
     def capacity(self) -> int:
@@ -195,14 +201,16 @@ class SlotStorage(ABC):
         the attention they already received [B, Hkv, L] (tracked policies; default none)."""
 
     @abstractmethod
-    def append_rows(self, keys: Tensor, values: Tensor, positions: Tensor, slot: Tensor) -> None:
+    def append_rows(self, keys: Tensor, values: Tensor, positions: Tensor, slot: Tensor, fed: Tensor) -> None:
         """Write one new token per row [B, Hkv, 1, D] at that row's slot ``slot`` [B] (uniform count; a device
-        tensor, so no host value enters a traced step)."""
+        tensor, so no host value enters a traced step), for the rows ``fed`` [B] only."""
 
     @abstractmethod
-    def keep_best(self, policy: Policy, config: RKVConfig, state: SlotState, rows: Tensor | None = None) -> None:
+    def keep_best(
+        self, policy: Policy, config: RKVConfig, state: SlotState, rows: Tensor | None, fed: Tensor | None
+    ) -> None:
         """Compaction: select from the per-head ``state`` (of ``rows``, None: all) what the layout keeps, and keep
-        only that, each head's slots in order."""
+        only that, each head's slots in order, in the rows ``fed`` [B'] (the others stay as they are)."""
 
     @abstractmethod
     def reset(self, rows: slice = slice(None)) -> None:
@@ -332,18 +340,27 @@ class LayerSlots(SlotStorage):
         if self.attention_sum is not None:
             self.attention_sum[:, :, offset:end] = 0.0 if attention is None else attention
 
-    def append_rows(self, keys: Tensor, values: Tensor, positions: Tensor, slot: Tensor) -> None:
+    def append_rows(self, keys: Tensor, values: Tensor, positions: Tensor, slot: Tensor, fed: Tensor) -> None:
         batch, kv_heads = keys.shape[:2]
-        at = slot.view(batch, 1, 1).expand(batch, kv_heads, 1)
-        self.keys.scatter_(2, at[..., None].expand(-1, -1, -1, keys.shape[-1]), keys)
-        self.values.scatter_(2, at[..., None].expand(-1, -1, -1, values.shape[-1]), values)
-        self.pos.scatter_(2, at, positions[:, None, :].expand(batch, kv_heads, 1))
-        self.valid.scatter_(2, at, True)
-        if self.attention_sum is not None:
-            self.attention_sum.scatter_(2, at, 0.0)
+        at = slot.clamp(min=0).view(batch, 1, 1).expand(batch, kv_heads, 1)
+        row_fed = fed.view(batch, 1, 1)
 
-    def keep_best(self, policy: Policy, config: RKVConfig, state: SlotState, rows: Tensor | None = None) -> None:
-        self.keep(state, select_region(policy, config.budget, state), rows)
+        def write(tensor: Tensor, new: Tensor) -> None:
+            index = at.view(*at.shape, *(1,) * (tensor.dim() - 3)).expand(-1, -1, -1, *tensor.shape[3:])
+            fed_here = row_fed.view(*row_fed.shape, *(1,) * (tensor.dim() - 3))
+            tensor.scatter_(2, index, torch.where(fed_here, new, tensor.gather(2, index)))
+
+        write(self.keys, keys)
+        write(self.values, values)
+        write(self.pos, positions[:, None, :].expand(batch, kv_heads, 1))
+        write(self.valid, torch.ones_like(at, dtype=torch.bool))
+        if self.attention_sum is not None:
+            write(self.attention_sum, torch.zeros_like(at, dtype=self.attention_sum.dtype))
+
+    def keep_best(
+        self, policy: Policy, config: RKVConfig, state: SlotState, rows: Tensor | None, fed: Tensor | None
+    ) -> None:
+        self.keep(state, select_region(policy, config.budget, state), rows, fed)
 
     def reset(self, rows: slice = slice(None)) -> None:
         self.valid[rows] = False
@@ -432,9 +449,9 @@ class LayerSlots(SlotStorage):
             softcap=softcap,
         )
 
-    def keep(self, source: SlotState, kept: Tensor, rows: Tensor | None = None) -> None:
+    def keep(self, source: SlotState, kept: Tensor, rows: Tensor | None = None, fed: Tensor | None = None) -> None:
         """Move the slots ``kept`` [B', Hkv, K] of ``source`` to the front (in order) and free the rest; ``rows``
-        [B'] says which rows ``source`` holds (None: all)."""
+        [B'] says which rows ``source`` holds (None: all), ``fed`` [B'] which of them change (None: all)."""
         count = kept.shape[-1]
         by_dim = kept[..., None]
         updates = {
@@ -446,6 +463,6 @@ class LayerSlots(SlotStorage):
         if self.attention_sum is not None:
             updates["attention_sum"] = source.attention_sum.gather(2, kept)
         for name, front in updates.items():
-            write_rows(getattr(self, name), front, rows, (slice(None), slice(None, count)))
+            write_rows(getattr(self, name), front, rows, (slice(None), slice(None, count)), fed)
         free = self.valid.new_zeros(kept.shape[0], *self.valid.shape[1:2], self.capacity - count)
-        write_rows(self.valid, free, rows, (slice(None), slice(count, None)))
+        write_rows(self.valid, free, rows, (slice(None), slice(count, None)), fed)
