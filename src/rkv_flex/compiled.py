@@ -21,6 +21,8 @@ import torch
 from torch._dynamo.exc import FailOnRecompileLimitHit
 from torch._dynamo.utils import counters
 
+BACKEND = "inductor"  # tests of graph bookkeeping alone may swap in "eager" (dynamo still traces and counts graphs)
+
 
 class GraphLimitError(RuntimeError):
     """A compiled function was asked for more graphs than dynamo keeps."""
@@ -43,7 +45,8 @@ def private_copy(function: Callable) -> Callable:
 def compiled(function: Callable, mode: str | None = None) -> Callable:
     """``torch.compile(function, fullgraph=True, dynamic=False, mode=mode)`` over a private copy of ``function``,
     raising :class:`GraphLimitError` when one more graph would exceed dynamo's recompile limit."""
-    graph = torch.compile(private_copy(function), fullgraph=True, dynamic=False, mode=mode)
+    backend = BACKEND if mode is None else "inductor"
+    graph = torch.compile(private_copy(function), fullgraph=True, dynamic=False, mode=mode, backend=backend)
 
     @functools.wraps(function)
     def call(*args: Any, **kwargs: Any) -> Any:

@@ -207,6 +207,7 @@ def compiled_and_eager_steps(model: Any, config: RKVConfig, sequence: Tensor) ->
         cache = make_cache(model)
         feed(model, cache, sequence, torch.ones_like(sequence), 0, prompt_pieces(start, config))
         buffers = StepBuffers.allocate(1, model.get_output_embeddings().weight.shape[0], model.device)
+        buffers.finished.fill_(False)  # the row decodes (a fresh engine's rows wait for requests)
         step = forward_step
         if compile:
             cache.choose_decode_kernels()
