@@ -56,11 +56,11 @@ def test_no_recompiles_in_steady_state(model):
     first, first_mask = padded_prompt(2, 7, [0, 2], seed=31)
     second, second_mask = padded_prompt(2, 13, [4, 0], seed=32)
     generate(model, first, first_mask, max_new_tokens=2 * BUFFER)  # warm-up: compiles the step and compaction
-    frames_before = torch._dynamo.utils.counters["frames"]["total"]
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     with torch._dynamo.config.patch(error_on_recompile=True):
         long_run = generate(model, first, first_mask, max_new_tokens=300)
         other = generate(model, second, second_mask, max_new_tokens=300)
-    assert torch._dynamo.utils.counters["frames"]["total"] == frames_before
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs_before
     assert torch.equal(long_run, alone(model, first, first_mask, 300))
     assert torch.equal(other, alone(model, second, second_mask, 300))
 
@@ -200,11 +200,11 @@ def test_transformers_compiled_generate_reuses_its_cache_and_graphs(model):
     config._compile_all_devices = True
     ids, mask = padded_prompt(2, 9, [0, 3], seed=93)
     first = eager(model, ids, mask, 40, compile_config=config)
-    frames = torch._dynamo.utils.counters["frames"]["total"]
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     with torch._dynamo.config.patch(error_on_recompile=True):
         again = eager(model, ids, mask, 40, compile_config=config)
     assert torch.equal(first, again)
-    assert torch._dynamo.utils.counters["frames"]["total"] == frames
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs_before
 
 
 def test_chunked_prefill_is_exact_while_nothing_is_evicted():
