@@ -26,7 +26,13 @@ def run_check(cache_dir: str, out: Path, options: list[str]) -> dict:
         raise RuntimeError(done.stderr[-3000:])
     report = json.loads(out.read_text())
     printed = [line for line in done.stdout.splitlines() if line.startswith(("rkv_flex check", "  "))]
-    return {"wall_s": wall, "check_s": report["seconds"], "exit_code": done.returncode, "report": report, "printed": printed}
+    return {
+        "wall_s": wall,
+        "check_s": report["seconds"],
+        "exit_code": done.returncode,
+        "report": report,
+        "printed": printed,
+    }
 
 
 def markdown(result: dict) -> str:
