@@ -56,12 +56,23 @@ ARCHITECTURES = {
     "ministral": Architecture(sliding=True),
     "gemma2": Architecture(sliding=True, softcap=True),
     "gemma3_text": Architecture(sliding=True),
+    "glm4_moe": Architecture(moe=True),
+    "minimax_m2": Architecture(moe=True),
+    "ernie4_5": Architecture(),
+    "ernie4_5_moe": Architecture(moe=True),
+    "hunyuan_v1_dense": Architecture(),
+    "hunyuan_v1_moe": Architecture(moe=True),
+    "apertus": Architecture(),
+    "arcee": Architecture(),
 }
 SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
 REFUSED = {
     "deepseek_v2": "its multi-head latent attention caches compressed latents, not per-head keys and values",
     "deepseek_v3": "its multi-head latent attention caches compressed latents, not per-head keys and values",
     "gemma3": "this is the multimodal Gemma 3; load its text model, Gemma3ForCausalLM (model type gemma3_text)",
+    "exaone4_5": "this is the multimodal EXAONE 4.5, whose prompts carry image features; its text decoder is "
+    "EXAONE 4.0 "
+    "(model type exaone4), which rkv_flex serves",
 }
 _PATCH_ATTR = "_rkv_flex_patch"
 

@@ -1,0 +1,118 @@
+"""Families whose attention is Llama's (q/k norms, partial RoPE, MoE or other MLPs around it): on a tiny random
+config each decodes exactly like stock with nothing evicted, its compiled loop equals its eager path with eviction,
+and the engine's requests equal each request alone. The compiled paths run on dynamo's eager backend: what is new
+per family is whether its forward traces around the cache (graph breaks, guards), while the inductor kernels behind
+it are the same as for the 17 architectures in test_architectures.py and are tested there."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch._dynamo
+from conftest import greedy, padded_prompt
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import rkv_flex.compiled
+from rkv_flex import Engine, generate, make_cache, patch_model
+
+BASE = dict(
+    hidden_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_hidden_layers=2,
+    intermediate_size=64,
+    vocab_size=256,
+    max_position_embeddings=512,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    initializer_range=0.1,
+)
+FAMILIES = {  # model type -> what its tiny config sets beyond BASE (experts, q/k norms)
+    "glm4_moe": dict(
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
+        n_shared_experts=1,
+        use_qk_norm=True,
+    ),
+    "minimax_m2": dict(num_local_experts=4, num_experts_per_tok=2),
+    "ernie4_5": dict(),
+    "ernie4_5_moe": dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=32, moe_layer_start_index=1),
+    "hunyuan_v1_dense": dict(),
+    "hunyuan_v1_moe": dict(num_experts=4, moe_topk=2, moe_intermediate_size=32),
+    "apertus": dict(max_position_embeddings=8192),  # its llama3 RoPE needs room for the original 8192 positions
+    "arcee": dict(),
+}
+NEW = 24
+
+
+@pytest.fixture(autouse=True)
+def traced_on_the_eager_backend(monkeypatch):
+    torch._dynamo.reset()
+    monkeypatch.setattr(rkv_flex.compiled, "BACKEND", "eager")
+
+
+def tiny(model_type: str, seed: int):
+    config = AutoConfig.for_model(model_type, **{**BASE, **FAMILIES[model_type]})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.set_attn_implementation("sdpa")
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_with_nothing_evicted_the_patched_model_decodes_like_stock(model_type):
+    model = tiny(model_type, seed=1)
+    ids, mask = padded_prompt(2, 9, [0, 3], seed=1)
+    tokens, logits = greedy(model, ids, mask, NEW)
+    patch_model(model, budget=56, buffer=8)
+    got_tokens, got_logits = greedy(model, ids, mask, NEW)
+    assert torch.equal(got_tokens, tokens)
+    torch.testing.assert_close(got_logits, logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_with_eviction_the_compiled_loop_equals_the_eager_path_and_the_engine_each_request_alone(model_type):
+    """One row: through model.generate, a left-padded batch's padding holds slots until a compaction, so only a
+    row without padding compacts when the same row decoded by rkv_flex.generate does (docs/method.md, section 6)."""
+    model = patch_model(tiny(model_type, seed=2), budget=12, buffer=6, window=4)
+    ids, mask = padded_prompt(1, 9, seed=2)
+    cache = make_cache(model)
+    eager = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, cache=cache
+    )
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiled = generate(model, ids, mask, max_new_tokens=NEW, eos_token_id=[])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # traced, not a silent eager fallback
+    assert torch.equal(compiled, eager)
+    assert cache.compactions >= 2
+    for layer in cache.layers:
+        assert layer.slots.keys.shape[2] == 18
+        assert int(layer.slots.valid.sum(dim=-1).max()) <= 18
+
+    rng = random.Random(3)
+    prompts = [[rng.randrange(3, 256) for _ in range(length)] for length in (5, 23, 11, 30)]  # some beyond the slots
+    lengths = [20, 9, 26, 14]
+    alone = [
+        generate(model, torch.tensor([p]), max_new_tokens=n, eos_token_id=[])[0, len(p) :].tolist()
+        for p, n in zip(prompts, lengths, strict=True)
+    ]
+    with Engine(model, batch_size=2) as engine:  # two rows: four requests refill them
+        assert engine.generate(prompts, max_new_tokens=lengths, eos_token_id=[]) == alone
+
+
+def test_the_multimodal_exaone_4_5_is_refused_with_its_text_decoder_named():
+    from types import SimpleNamespace
+
+    wrapper = SimpleNamespace(config=AutoConfig.for_model("exaone4_5"))
+    with pytest.raises(ValueError, match=r"exaone4_5.*multimodal.*model type exaone4"):
+        patch_model(wrapper, budget=16)
