@@ -30,6 +30,7 @@ from .policies import Policy, SlotState, make_policy
 from .pool import allocate_slots
 from .scoring import received_attention
 from .slots import RowCounters, SlotStorage
+from .state_layers import StateLayer
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class SharedState:
     rows: slice = field(default_factory=lambda: slice(None))  # the rows this forward feeds (continuous batching)
     scaling: float | None = None  # the model's query scaling, learnt from the first attention call
     padded: bool = False  # some forward carried padding: the used slots may not all be valid
+    first_attention: int = 0  # the model layer whose update starts a forward (the first attention layer)
     kernels: KernelChecks = field(default_factory=KernelChecks)  # compiled flex kernels, checked per shape
 
 
@@ -77,8 +79,10 @@ class RKVLayer(CacheLayerMixin):
         self.is_initialized = True
         tracks = self.policy.tracks_attention
         config = self.config if self.capacity == self.config.capacity else _with_capacity(self.config, self.capacity)
+        window = self.spec.sliding_window
+        ring = window if window is not None and window <= self.config.capacity else None
         self.slots = allocate_slots(
-            config, self.spec.query_group, self.spec.sinks, batch, key_states, value_states, tracks
+            config, self.spec.query_group, self.spec.sinks, batch, key_states, value_states, tracks, ring
         )
 
     def grow(self, capacity: int) -> None:
@@ -134,7 +138,7 @@ class RKVLayer(CacheLayerMixin):
             return key_states, value_states
         slots = self.view
         counters = self.counters
-        slots.append_rows(key_states, value_states, positions, counters.used - 1, counters.fed)
+        slots.append_rows(key_states, value_states, positions, slots.step_slot(counters), counters.fed)
         return slots.keys, slots.values
 
     def _check(self, key_states: Tensor) -> None:
@@ -179,7 +183,7 @@ class RKVLayer(CacheLayerMixin):
         kept = min(count, self.config.window)
         ring = (plan.seen_before[0] + count - kept) % self.config.window
         slots.record_queries(query, ring)
-        if self.index == 0:  # shared by all layers: the ring's validity, and whether padding ever entered
+        if self.index == self.shared.first_attention:  # shared by all layers: the ring's validity, padding seen
             ring_slots = (ring + torch.arange(kept, device=keys.device)) % self.config.window
             counters.query_valid.index_copy_(1, ring_slots, new_valid[:, -kept:])
             if padding is not None and not self.shared.padded:
@@ -208,15 +212,7 @@ class RKVLayer(CacheLayerMixin):
 
     def commit(self, staged: SlotState) -> None:
         """After a span's attention: append its tokens, or keep ``budget`` of the staged slots."""
-        plan, slots = self.shared.plan, self.view
-        if plan.staged:
-            slots.keep_best(self.policy, self.config, staged, None, None)
-            return
-        count = plan.length
-        new = slice(slots.view_capacity, slots.view_capacity + count)
-        attention = None if staged.attention_sum is None else staged.attention_sum[:, :, new]
-        new_pos, new_valid = staged.pos[:, 0, new], staged.valid[:, 0, new]
-        slots.append(staged.keys[:, :, new], staged.values[:, :, new], new_pos, new_valid, plan.offset, attention)
+        self.view.commit_span(self.policy, self.config, staged, self.shared.plan)
 
     def choose_decode_kernel(self) -> None:
         """Compiled decoding steps use flex if it is right on this machine for this layer's shapes, else SDPA.
@@ -258,6 +254,8 @@ class RKVLayer(CacheLayerMixin):
         """Keep ``budget`` of the used slots of ``rows`` (None: every row): the window's plus the policy's best,
         moved to the front in position order."""
         slots, counters = self.slots, self.shared.counters
+        if not slots.selects:
+            return
         used = counters.used.to(slots.keys.device)
         query_valid = counters.query_valid.to(used.device)
         state = slots.scoring_state(used, self.config.window, query_valid, self.scaling, self.softcap)
@@ -333,13 +331,22 @@ class RKVCache(Cache):
     ``compactor`` runs the compaction of all layers; the compiled loop swaps in a compiled one.
     """
 
-    def __init__(self, config: RKVConfig, layers: list[LayerSpec], kernels: KernelChecks | None = None):
+    def __init__(self, config: RKVConfig, layers: list[LayerSpec | None], kernels: KernelChecks | None = None):
+        """``layers``: per model layer, its attention's spec, or None for a layer with a constant-size state."""
         self.config = config
         self.policy = make_policy(config)
         self.shared = SharedState(kernels=kernels or KernelChecks(enabled=config.check_kernels))
+        self.shared.first_attention = next(index for index, spec in enumerate(layers) if spec is not None)
         super().__init__(
-            layers=[RKVLayer(config, self.policy, spec, self.shared, index) for index, spec in enumerate(layers)]
+            layers=[
+                StateLayer(self.shared, index)
+                if spec is None
+                else RKVLayer(config, self.policy, spec, self.shared, index)
+                for index, spec in enumerate(layers)
+            ]
         )
+        self.attention: list[RKVLayer] = [layer for layer in self.layers if isinstance(layer, RKVLayer)]
+        self.states: list[StateLayer] = [layer for layer in self.layers if isinstance(layer, StateLayer)]
         self.planner: Planner | None = None
         self.compactor = compact_layers
         self._feeding: tuple[int, ...] | None = None  # the one row the current forwards feed (None: all)
@@ -352,7 +359,7 @@ class RKVCache(Cache):
         self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, kwargs: dict | None = None
     ) -> tuple[Tensor, Tensor]:
         kwargs = {} if kwargs is None else kwargs
-        if layer_idx == 0:
+        if layer_idx == self.shared.first_attention:
             self._start_forward(key_states)
         return self.layers[layer_idx].update(key_states, value_states, kwargs)
 
@@ -372,7 +379,7 @@ class RKVCache(Cache):
             if length > 1:
                 self._set_counters(plan)
                 return
-        self.layers[0].counters.advance_one()
+        self.attention[0].counters.advance_one()
 
     def _take_plan(self, key_states: Tensor) -> Plan:
         """The plan of the forward that starts now (made now unless its driver made it)."""
@@ -390,7 +397,7 @@ class RKVCache(Cache):
 
     def _set_counters(self, plan: Plan) -> None:
         """A span: the fed rows' slots used and tokens seen after it, as planned."""
-        counters = self.layers[0].counters
+        counters = self.attention[0].counters
         if plan.in_lockstep:
             counters.used.fill_(plan.used_after[0])
             counters.seen.fill_(plan.seen_before[0] + plan.length)
@@ -423,16 +430,18 @@ class RKVCache(Cache):
         for row in rows:
             for tensor in (counters.used, counters.seen, counters.query_valid):
                 tensor[row] = 0
-            for layer in self.layers:
+            for layer in self.attention:
                 if layer.slots is not None:
                     layer.slots.reset(slice(row, row + 1))
+            for state in self.states:
+                state.reset_rows(slice(row, row + 1))
 
     def _plan(self, length: int, rows: tuple[int, ...] | None = None) -> Plan:
         """Plan a forward and carry out what must happen before it: growth, compaction (every row at once when
         all are due, else one row at a time: one graph shape either way)."""
         plan = self.planner.plan(length, rows)
         if plan.grow_to is not None:
-            for layer in self.layers:
+            for layer in self.attention:
                 layer.grow(plan.grow_to)
         self._compact_rows(plan.compact)
         return plan
@@ -440,11 +449,11 @@ class RKVCache(Cache):
     def _compact_rows(self, rows: tuple[int, ...]) -> None:
         """Compact ``rows``: every row at once when all are due, else one row at a time (one graph shape either way)."""
         if len(rows) == self.planner.batch:
-            self.compactor(self.layers, self.shared.counters, self.config.budget, None)
+            self.compactor(self.attention, self.shared.counters, self.config.budget, None)
             return
         device, counters = self.shared.counters.used.device, self.shared.counters
         for row in rows:
-            self.compactor(self.layers, counters, self.config.budget, torch.tensor([row], device=device))
+            self.compactor(self.attention, counters, self.config.budget, torch.tensor([row], device=device))
 
     def begin_step(self, length: int = 1, rows: tuple[int, ...] | None = None) -> Plan:
         """Plan the next forward from outside it (compiled forwards cannot plan themselves); compacts now if due."""
@@ -480,11 +489,28 @@ class RKVCache(Cache):
         if self.planner is not None:
             self.planner.cancel()
 
+    @contextlib.contextmanager
+    def unfed_rows_kept(self) -> Iterator[None]:
+        """A decoding step inside keeps the state of the rows it does not feed (``counters.fed``): slots do by
+        themselves; the constant-size states of a hybrid model's other layers are restored after it."""
+        for state in self.states:
+            state.save()
+        yield
+        for state in self.states:
+            state.restore_unfed(self.shared.counters.fed)
+
     def choose_decode_kernels(self) -> None:
         """Before compiled decoding steps: check the flex decoding kernel of every layer's shape (once per shape)
-        and use it where it is right, SDPA elsewhere."""
-        for layer in self.layers:
-            layer.choose_decode_kernel()
+        and use it where it is right, SDPA elsewhere.
+
+        A hybrid model's compiled step decodes with SDPA: in torch 2.13, tracing flex's higher-order op before a
+        linear-attention layer makes dynamo lose the writes that layer's kernel-hub wrapper (the ``kernels``
+        package's context variable) makes, and the trace fails on a ``ContextVar.reset`` (docs/method.md, 8)."""
+        for layer in self.attention:
+            if self.states:
+                layer.flex_decoding = False
+            else:
+                layer.choose_decode_kernel()
 
     def compact(self) -> None:
         """Compact every row that holds more than ``budget`` slots back to ``budget`` now; a row holding fewer
@@ -529,9 +555,14 @@ class RKVCache(Cache):
     @property
     def capacity(self) -> int:
         """Slots per layer, row and KV head."""
-        return self.layers[0].capacity
+        return self.attention[0].capacity
 
     @property
     def kv_bytes(self) -> int:
-        """Bytes of K and V held by all layers."""
-        return sum(layer.kv_bytes for layer in self.layers)
+        """Bytes of K and V held by all attention layers."""
+        return sum(layer.kv_bytes for layer in self.attention)
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of the constant-size states (linear attention, Mamba, convolutions) of a hybrid model."""
+        return sum(state.state_bytes for state in self.states)

@@ -69,7 +69,8 @@ def forward_step(model: Any, cache: RKVCache, buffers: StepBuffers) -> None:
     """One token per row through the model; the last position's logits into ``buffers.logits``. Rows that have
     finished (or hold no request) are not fed: their slots and counters stay as they are."""
     cache.shared.counters.fed.copy_(~buffers.finished)
-    logits = model(input_ids=buffers.tokens, position_ids=buffers.positions, cache=cache, use_cache=True).logits
+    with cache.unfed_rows_kept():
+        logits = model(input_ids=buffers.tokens, position_ids=buffers.positions, cache=cache, use_cache=True).logits
     buffers.logits.copy_(logits[:, -1])
 
 
@@ -135,7 +136,7 @@ class Engine:
         self.device = model.device
         if cache is None:
             self.cache = make_cache(model)
-            for layer in self.cache.layers:
+            for layer in self.cache.attention:
                 layer.capacity = capacity or self.config.capacity
             self.cache.prepare(batch_size, self.device)
         else:
@@ -283,7 +284,9 @@ class Engine:
                 until_no_new_graph(self._choose, self.buffers, variant)
             cache, rows = self.cache, {"compact all": None, "compact one": torch.tensor([0], device=self.device)}
             for name in missing & set(rows):
-                until_no_new_graph(cache.compactor, cache.layers, cache.shared.counters, self.config.budget, rows[name])
+                until_no_new_graph(
+                    cache.compactor, cache.attention, cache.shared.counters, self.config.budget, rows[name]
+                )
         self._warm |= missing
 
     def _refill(self, queue: deque, variants: set[str]) -> Iterator[Completion]:
@@ -375,8 +378,9 @@ def until_no_new_graph(graph: Any, *args: Any, tries: int = 3) -> None:
 
 @contextlib.contextmanager
 def preserved(cache: RKVCache, buffers: StepBuffers) -> Iterator[None]:
-    """Whatever runs inside leaves the cache's slots and counters and the step buffers as they were."""
-    tensors = [tensor for layer in cache.layers for tensor in layer.slots.tensors().values() if tensor is not None]
+    """Whatever runs inside leaves the cache's slots, states and counters and the step buffers as they were."""
+    tensors = [tensor for layer in cache.attention for tensor in layer.slots.tensors().values() if tensor is not None]
+    tensors += [tensor for state in cache.states for tensor in state.tensors()]
     counters = cache.shared.counters
     tensors += [counters.used, counters.seen, counters.query_valid, counters.fed]
     tensors += [value for value in vars(buffers).values() if isinstance(value, Tensor)]

@@ -40,11 +40,24 @@ def forward_span(
     ).logits
 
 
-def prompt_pieces(length: int, config: RKVConfig) -> list[int]:
+def prompt_pieces(length: int, config: RKVConfig, padded: int = 0) -> list[int]:
     """The forwards ``length`` prompt tokens are read in, on every path: ``prefill_chunk`` tokens each, or one
-    forward when prompts may not be compacted (``compact_prompt=False``) or ``prefill_chunk`` is None."""
+    forward when prompts may not be compacted (``compact_prompt=False``) or ``prefill_chunk`` is None. The first
+    ``padded`` tokens hold some row's padding: they are read at least two at a time, because a forward of one
+    token is a decoding step, which writes its token as real."""
     chunk = config.prefill_chunk if config.compact_prompt and config.prefill_chunk else length
-    return [min(chunk, length - start) for start in range(0, length, chunk)]
+    pieces, start = [], 0
+    while start < length:
+        size = min(max(chunk, 2 if start < padded else 1), length - start)
+        pieces.append(size)
+        start += size
+    return pieces
+
+
+def padded_columns(attention_mask: Tensor) -> int:
+    """How many leading columns hold some row's padding (left padding)."""
+    padding = (attention_mask == 0).any(dim=0).nonzero()
+    return int(padding[-1]) + 1 if len(padding) else 0
 
 
 @torch.no_grad()

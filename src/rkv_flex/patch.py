@@ -21,7 +21,7 @@ from .attention import ATTENTION_NAME, padding_mask, rkv_attention
 from .cache import LayerSpec, RKVCache
 from .compiled import GraphStore
 from .config import RKVConfig
-from .forward import feed, prompt_pieces
+from .forward import feed, padded_columns, prompt_pieces
 from .kernel_checks import KernelChecks
 
 
@@ -36,6 +36,7 @@ class Architecture:
     sinks: bool = False  # learned per-head attention sinks: one extra zero-valued slot whose score is the sink
     nope: bool = False  # some layers use no rotary embedding: their keys are cached as computed
     moe: bool = False  # mixture-of-experts feed-forward: nothing for the cache to do
+    states: bool = False  # hybrid: some layers keep a constant-size state (linear attention, Mamba, convolution)
 
 
 ARCHITECTURES = {
@@ -64,12 +65,25 @@ ARCHITECTURES = {
     "hunyuan_v1_moe": Architecture(moe=True),
     "apertus": Architecture(),
     "arcee": Architecture(),
+    "qwen3_5": Architecture(states=True),  # its causal LM (AutoModelForCausalLM), not the vision-language wrapper
+    "qwen3_5_text": Architecture(states=True),
+    "qwen3_5_moe": Architecture(states=True, moe=True),
+    "qwen3_5_moe_text": Architecture(states=True, moe=True),
+    "qwen3_next": Architecture(states=True, moe=True),
+    "olmo_hybrid": Architecture(states=True),
+    "lfm2": Architecture(states=True),
+    "nemotron_h": Architecture(states=True, moe=True),
+    "granitemoehybrid": Architecture(states=True, moe=True),
 }
 SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
 REFUSED = {
     "deepseek_v2": "its multi-head latent attention caches compressed latents, not per-head keys and values",
     "deepseek_v3": "its multi-head latent attention caches compressed latents, not per-head keys and values",
     "gemma3": "this is the multimodal Gemma 3; load its text model, Gemma3ForCausalLM (model type gemma3_text)",
+    "minimax": "MiniMax-Text-01 keeps its lightning-attention state in a cache class of its own (MiniMaxCache), "
+    "which the model requires",
+    "falcon_h1": "each Falcon-H1 layer runs attention and a Mamba mixer side by side in one cache layer; rkv_flex "
+    "serves layers that are either attention or a constant-size state",
     "exaone4_5": "this is the multimodal EXAONE 4.5, whose prompts carry image features; its text decoder is "
     "EXAONE 4.0 "
     "(model type exaone4), which rkv_flex serves",
@@ -119,6 +133,7 @@ def _check_model(model: Any) -> None:
             f"rkv_flex does not support model type {model_type!r} ({type(model).__name__}); "
             f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
+    layer_kinds(model)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     ranks = getattr(model, "tp_size", None) or 1
     if text.num_key_value_heads % ranks or text.num_attention_heads % ranks:
@@ -131,6 +146,11 @@ def _check_model(model: Any) -> None:
         raise ValueError(
             f"{model_type} with use_bidirectional_attention=True attends to later tokens, which a decoding cache "
             "cannot serve; rkv_flex refuses it"
+        )
+    if type(model).__name__.endswith("ForConditionalGeneration"):
+        raise ValueError(
+            f"{type(model).__name__} is a multimodal model, whose prompts carry image features that rkv_flex does not "
+            "read in pieces; load its text model with AutoModelForCausalLM"
         )
     if not hasattr(model, "generate") or not hasattr(model, "set_attn_implementation"):
         raise ValueError(f"{type(model).__name__} is not a transformers generative model")
@@ -179,20 +199,37 @@ def unpatch_model(model: Any) -> Any:
     return model
 
 
-def layer_specs(model: Any) -> list[LayerSpec]:
-    """Per decoder layer, what the slot cache must know: query heads per KV head, sliding window, sinks."""
+ATTENTION_KINDS = ("full_attention", "sliding_attention")
+STATE_KINDS = ("linear_attention", "conv", "mamba", "mlp", "moe")  # a constant-size state, or none at all
+
+
+def layer_kinds(model: Any) -> list[str]:
+    """Each decoder layer's kind, as the config names it (a config without ``layer_types`` is all attention)."""
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    kinds = list(getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers)
+    unknown = sorted(set(kinds) - set(ATTENTION_KINDS) - set(STATE_KINDS))
+    if unknown:
+        raise ValueError(
+            f"{model.config.model_type} has layers of kind {unknown}, which rkv_flex does not know: it serves "
+            f"attention layers {ATTENTION_KINDS} and leaves constant-size state layers {STATE_KINDS} to transformers"
+        )
+    return kinds
+
+
+def layer_specs(model: Any) -> list[LayerSpec | None]:
+    """Per decoder layer, what the slot cache must know: query heads per KV head, sliding window, sinks; None for a
+    layer whose state is constant-size (linear attention, Mamba, convolution), which transformers' layer keeps."""
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     group = text.num_attention_heads // text.num_key_value_heads
     window = getattr(text, "sliding_window", None)
     if getattr(text, "use_sliding_window", True) is False:  # SmolLM3 and Qwen keep the field but switch it off
         window = None
-    types = getattr(text, "layer_types", None)
-    if window is None or types is None:
-        windows = [window] * text.num_hidden_layers
-    else:
-        windows = [window if kind == "sliding_attention" else None for kind in types]
+    kinds = layer_kinds(model)
+    if getattr(text, "layer_types", None) is None:  # one window (or none) for every layer
+        kinds = ["sliding_attention" if window is not None else "full_attention"] * len(kinds)
     sinks = ARCHITECTURES.get(model.config.model_type, Architecture()).sinks
-    return [LayerSpec(group, sliding, sinks) for sliding in windows]
+    windows = {"full_attention": None, "sliding_attention": window}
+    return [LayerSpec(group, windows[kind], sinks) if kind in windows else None for kind in kinds]
 
 
 BATCH_DEPENDENT_ROPE = ("longrope", "dynamic")  # transformers picks their frequencies from the batch's largest position
@@ -350,9 +387,9 @@ class PatchedGenerate:
                     f"the cache has seen {seen} tokens but input_ids holds {input_ids.shape[1]}: pass the whole "
                     "conversation so far (transformers' convention for continuing from a cache)"
                 )
-            pieces = prompt_pieces(input_ids.shape[1] - seen, config)
+            mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+            pieces = prompt_pieces(input_ids.shape[1] - seen, config, padded_columns(mask[:, seen:]))
             if len(pieces) > 1:  # all but the last piece; generate reads the last and decodes on
-                mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
                 feed(model, cache, input_ids, mask, seen, pieces[:-1])
         kwargs["logits_processor"] = LogitsProcessorList(
             [*(kwargs.get("logits_processor") or []), CompactionScheduler(cache, compiles)]

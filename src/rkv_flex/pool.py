@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .policies import Policy, SlotState
 from .scoring import select_adaptive
-from .slots import LayerSlots, SlotStorage, static, write_rows
+from .slots import LayerSlots, RingSlots, SlotStorage, static, write_rows
 
 if TYPE_CHECKING:
     from .config import RKVConfig
@@ -41,9 +41,11 @@ def allocate_slots(
     key_states: Tensor,
     value_states: Tensor,
     tracks_attention: bool,
+    ring: int | None = None,
 ) -> SlotStorage:
     """A layer's slot storage in the layout ``config.allocation`` names, for keys and values like the given ones
-    (their KV heads are the ones this process holds: tensor parallelism shards them)."""
+    (their KV heads are the ones this process holds: tensor parallelism shards them); a sliding-window layer whose
+    window fits the budgeted slots gets a ring of exactly ``ring`` slots instead."""
     _, kv_heads, _, key_dim = key_states.shape
     shape = dict(
         window=config.window,
@@ -55,6 +57,8 @@ def allocate_slots(
         sinks=sinks,
     )
     query_heads = kv_heads * query_group
+    if ring is not None:
+        return RingSlots.allocate(batch, kv_heads, query_heads, ring, **{**shape, "tracks_attention": False})
     if config.allocation == "adaptive":
         ceiling = config.ceiling_slots
         return PooledSlots.allocate(batch, kv_heads, query_heads, config.budget, config.buffer, ceiling, **shape)

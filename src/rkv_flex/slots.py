@@ -30,6 +30,7 @@ from .scoring import select_keep
 if TYPE_CHECKING:
     from .config import RKVConfig
     from .kernels import Segments
+    from .planner import Plan
 
 
 def static(tensor: Tensor) -> Tensor:
@@ -122,6 +123,7 @@ class SlotStorage(ABC):
     attention_sum: Tensor | None
     sinks: bool  # the last slot carries the model's attention sinks and never holds a token
     uniform: bool  # every KV head has its own slots, in order: the used ones are a prefix of each head's
+    selects = True  # compaction chooses what stays (a sliding-window ring holds exactly what its layer can read)
 
     # -- what both layouts share ---------------------------------------------------------------------------------
     @abstractmethod
@@ -199,6 +201,22 @@ class SlotStorage(ABC):
     ) -> None:
         """Write L new tokens of every row and KV head [B, Hkv, L, D] after ``offset`` slots (uniform count), with
         the attention they already received [B, Hkv, L] (tracked policies; default none)."""
+
+    def step_slot(self, counters: RowCounters) -> Tensor:
+        """[B]: where a decoding step writes each row's token (after the counters advanced)."""
+        return counters.used - 1
+
+    def commit_span(self, policy: Policy, config: RKVConfig, staged: SlotState, plan: Plan) -> None:
+        """After a span's attention over ``staged`` (the heads' slots then the new tokens): append the new tokens,
+        or, when the plan staged them because they overflow the slots, keep ``budget`` of everything."""
+        if plan.staged:
+            self.keep_best(policy, config, staged, None, None)
+            return
+        count = plan.length
+        new = slice(self.view_capacity, self.view_capacity + count)
+        attention = None if staged.attention_sum is None else staged.attention_sum[:, :, new]
+        new_pos, new_valid = staged.pos[:, 0, new], staged.valid[:, 0, new]
+        self.append(staged.keys[:, :, new], staged.values[:, :, new], new_pos, new_valid, plan.offset, attention)
 
     @abstractmethod
     def append_rows(self, keys: Tensor, values: Tensor, positions: Tensor, slot: Tensor, fed: Tensor) -> None:
@@ -289,7 +307,7 @@ class LayerSlots(SlotStorage):
         }
 
     def _with(self, tensors: dict[str, Any]) -> LayerSlots:
-        return LayerSlots(**tensors, sinks=self.sinks)
+        return type(self)(**tensors, sinks=self.sinks)
 
     # -- the protocol ---------------------------------------------------------------------------------------------
     uniform = True
@@ -466,3 +484,44 @@ class LayerSlots(SlotStorage):
             write_rows(getattr(self, name), front, rows, (slice(None), slice(None, count)), fed)
         free = self.valid.new_zeros(kept.shape[0], *self.valid.shape[1:2], self.capacity - count)
         write_rows(self.valid, free, rows, (slice(None), slice(count, None)), fed)
+
+
+class RingSlots(LayerSlots):
+    """A sliding-window layer's slots: exactly its window (and the sink slot, last), token ``t`` of a row's stream
+    at slot ``t % window``. Such a layer never reads further back, so there is nothing to score or choose: the ring
+    is exact and spends none of the budget. Slots are not in position order; the slot rule reads positions."""
+
+    uniform = False
+    selects = False
+
+    @property
+    def ring(self) -> int:
+        return self.capacity - self.sinks
+
+    def step_slot(self, counters: RowCounters) -> Tensor:
+        return (counters.seen - 1) % self.ring
+
+    def commit_span(self, policy: Policy, config: RKVConfig, staged: SlotState, plan: Plan) -> None:
+        """The span's newest ``min(length, window)`` tokens go to their ring slots (padding as invalid slots)."""
+        count = plan.length
+        kept = min(count, self.ring)
+        first = self.view_capacity + count - kept
+        device = self.keys.device
+        seen = torch.tensor(plan.seen_before, device=device)[:, None] + (count - kept)
+        at = (seen + torch.arange(kept, device=device)) % self.ring  # [B, kept]
+        batch, kv_heads = self.keys.shape[:2]
+        index = at[:, None, :].expand(batch, kv_heads, kept)
+        new = slice(first, first + kept)
+        for name in ("keys", "values"):
+            source = getattr(staged, name)[:, :, new]
+            getattr(self, name).scatter_(2, index[..., None].expand_as(source), source)
+        self.pos.scatter_(2, index, staged.pos[:, :, new])
+        self.valid.scatter_(2, index, staged.valid[:, :, new])
+
+    def keep_best(
+        self, policy: Policy, config: RKVConfig, state: SlotState, rows: Tensor | None, fed: Tensor | None
+    ) -> None:
+        """Nothing to choose: the ring already holds exactly the tokens the layer can read."""
+
+    def grown(self, capacity: int) -> RingSlots:
+        return self  # the window does not grow with the cache

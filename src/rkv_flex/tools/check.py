@@ -211,7 +211,7 @@ def compiled_and_eager_steps(model: Any, config: RKVConfig, sequence: Tensor) ->
         step = forward_step
         if compile:
             cache.choose_decode_kernels()
-            kernels = tuple("flex" if layer.flex_decoding else "sdpa" for layer in cache.layers)
+            kernels = tuple("flex" if layer.flex_decoding else "sdpa" for layer in cache.attention)
             shape = (1, cache.capacity, model.dtype, str(model.device))
             step = record.graphs.get(forward_step, shape)
             if cache.policy.traceable:

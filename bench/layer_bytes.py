@@ -1,0 +1,131 @@
+"""KV bytes a layer layout holds: the stock full cache, rkv_flex with every layer budgeted, and rkv_flex with
+sliding-window layers as rings of their window, at a long generation; checked by one small measured run per
+layout (the same layers, KV heads, head size and window, with a tiny hidden size, in fp32).
+
+    python bench/layer_bytes.py [--tokens 32768 --budget 2048 --buffer 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from common import environment, publish
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from rkv_flex import make_cache, patch_model
+
+LAYOUTS = {  # layout -> (model type, what its released configuration sets beyond transformers' defaults)
+    "gpt-oss-20b": ("gpt_oss", dict(num_hidden_layers=24)),
+}
+SHRINK = {  # model type -> what shrinks it to a tiny measured model with the same layer layout
+    "gpt_oss": dict(hidden_size=64, intermediate_size=32, num_local_experts=2, num_experts_per_tok=1, vocab_size=512),
+}
+SINKS = {"gpt_oss"}
+
+
+def held_slots(config, tokens: int, budget: int, buffer: int, rings: bool) -> dict[str, list[int]]:
+    """Slots per layer (per row and KV head) for the stock cache and rkv_flex."""
+    window, sink = config.sliding_window, int(config.model_type in SINKS)
+    sliding = [kind == "sliding_attention" for kind in config.layer_types]
+    capacity = budget + buffer
+    return {
+        "stock": [min(tokens, window) if s else tokens for s in sliding],
+        "rkv": [(window if s and rings and window <= capacity else capacity) + sink for s in sliding],
+    }
+
+
+def layout_bytes(config, tokens: int, budget: int, buffer: int, element: int) -> dict:
+    per_slot = 2 * config.num_key_value_heads * config.head_dim * element  # K and V of one slot in one layer
+    rings = held_slots(config, tokens, budget, buffer, rings=True)
+    budgeted = held_slots(config, tokens, budget, buffer, rings=False)
+    return {
+        "stock": sum(rings["stock"]) * per_slot,
+        "rkv_every_layer_budgeted": sum(budgeted["rkv"]) * per_slot,
+        "rkv_sliding_rings": sum(rings["rkv"]) * per_slot,
+    }
+
+
+def measured(model_type: str, released: dict, tokens: int, budget: int, buffer: int) -> dict:
+    """A tiny model of the layout: the bytes its cache holds after ``tokens`` tokens, against the arithmetic."""
+    config = AutoConfig.for_model(model_type, **released, **SHRINK[model_type])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.set_attn_implementation("eager")
+    patch_model(model, budget=budget, buffer=buffer)
+    cache = make_cache(model)
+    prompt = torch.randint(3, config.vocab_size, (1, 16))
+    with torch.no_grad():
+        model.generate(
+            input_ids=prompt, max_new_tokens=tokens - 16, min_new_tokens=tokens - 16, do_sample=False, cache=cache
+        )
+    expected = layout_bytes(config, tokens, budget, buffer, element=4)["rkv_sliding_rings"]
+    return {"tokens": tokens, "budget": budget, "buffer": buffer, "held_bytes": cache.kv_bytes, "arithmetic": expected}
+
+
+def markdown(result: dict) -> str:
+    args = result["args"]
+    lines = [
+        f"KV bytes per sequence at {args['tokens']} tokens, budget {args['budget']}, buffer {args['buffer']}, bf16 "
+        "(the released model's layer layout):",
+        "",
+        "| layout | stock full cache | rkv_flex, every layer budgeted | rkv_flex, sliding rings | saved by rings |",
+        "|---|---|---|---|---|",
+    ]
+    for name, row in result["layouts"].items():
+        mib = {key: value / 2**20 for key, value in row["bytes"].items()}
+        saved = 1 - row["bytes"]["rkv_sliding_rings"] / row["bytes"]["rkv_every_layer_budgeted"]
+        lines.append(
+            f"| {name} ({row['layers']}) | {mib['stock']:.1f} MiB | {mib['rkv_every_layer_budgeted']:.1f} MiB | "
+            f"{mib['rkv_sliding_rings']:.1f} MiB | {saved:.0%} |"
+        )
+    lines.append("\nMeasured on a tiny model of the same layer layout (fp32):")
+    for name, row in result["layouts"].items():
+        check = row["measured"]
+        lines.append(
+            f"{name}: {check['held_bytes']} bytes held after {check['tokens']} tokens at budget {check['budget']}, "
+            f"buffer {check['buffer']}; arithmetic {check['arithmetic']}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    names = list(result["layouts"])
+    kinds = ["stock", "rkv_every_layer_budgeted", "rkv_sliding_rings"]
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    for offset, kind in enumerate(kinds):
+        values = [result["layouts"][n]["bytes"][kind] / 2**20 for n in names]
+        axis.bar([i + 0.27 * offset for i in range(len(names))], values, width=0.27, label=kind.replace("_", " "))
+    axis.set_xticks([i + 0.27 for i in range(len(names))], names)
+    axis.set_ylabel("MiB of K and V per sequence")
+    axis.set_yscale("log")
+    axis.set_title(f"at {result['args']['tokens']} tokens, budget {result['args']['budget']}")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=32768)
+    parser.add_argument("--budget", type=int, default=2048)
+    parser.add_argument("--buffer", type=int, default=128)
+    args = parser.parse_args()
+    layouts = {}
+    for name, (model_type, released) in LAYOUTS.items():
+        config = AutoConfig.for_model(model_type, **released)
+        kinds = config.layer_types
+        layouts[name] = {
+            "layers": f"{kinds.count('sliding_attention')} sliding of {config.sliding_window}, "
+            f"{kinds.count('full_attention')} full; {config.num_key_value_heads} KV heads of {config.head_dim}",
+            "bytes": layout_bytes(config, args.tokens, args.budget, args.buffer, element=2),
+            "measured": measured(model_type, released, tokens=200, budget=64, buffer=32),
+        }
+    publish("layer-bytes", {"args": vars(args), "environment": environment(), "layouts": layouts}, markdown, plot)
+
+
+if __name__ == "__main__":
+    main()
