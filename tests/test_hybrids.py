@@ -139,6 +139,9 @@ def test_a_layer_kind_rkv_flex_does_not_know_is_refused_by_name_before_any_work(
     with pytest.raises(ValueError, match=r"\['chunked_attention'\], which rkv_flex does not know"):
         patch_model(model, budget=16)
     assert model.config._attn_implementation == "sdpa"  # nothing was changed
+    model.config.layer_types = ["linear_attention"] * 4
+    with pytest.raises(ValueError, match="no attention layer: its state is constant-size already"):
+        patch_model(model, budget=16)
 
 
 def test_a_row_that_finishes_early_keeps_its_states_for_the_next_turn(monkeypatch):

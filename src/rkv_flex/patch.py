@@ -213,6 +213,8 @@ def layer_kinds(model: Any) -> list[str]:
             f"{model.config.model_type} has layers of kind {unknown}, which rkv_flex does not know: it serves "
             f"attention layers {ATTENTION_KINDS} and leaves constant-size state layers {STATE_KINDS} to transformers"
         )
+    if not set(kinds) & set(ATTENTION_KINDS):
+        raise ValueError(f"this {model.config.model_type} has no attention layer: its state is constant-size already")
     return kinds
 
 
