@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import sys
 import types
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -42,6 +43,17 @@ def private_copy(function: Callable) -> Callable:
     return functools.update_wrapper(copy, function)
 
 
+def _clear_kernel_hub_context() -> None:
+    """The ``kernels`` package (transformers' kernel hub) keeps the kernel functions of the module forward in
+    progress in a context variable, and a compiled forward leaves it set afterwards (its trace replays the set but
+    reads a stale flag at the reset). Outside any forward it is empty: make it so before each compiled call, so the
+    second call does not fail a guard on it and trace the whole model again."""
+    layer = sys.modules.get("kernels._internals.layer.layer")
+    state = getattr(layer, "_ACTIVE_KERNEL_FUNCS", None)
+    if state is not None and hasattr(state, "global_var"):
+        state.global_var, state.uses_global_var = None, False
+
+
 def compiled(function: Callable, mode: str | None = None) -> Callable:
     """``torch.compile(function, fullgraph=True, dynamic=False, mode=mode)`` over a private copy of ``function``,
     raising :class:`GraphLimitError` when one more graph would exceed dynamo's recompile limit."""
@@ -51,6 +63,7 @@ def compiled(function: Callable, mode: str | None = None) -> Callable:
     @functools.wraps(function)
     def call(*args: Any, **kwargs: Any) -> Any:
         graphs = counters["stats"]["unique_graphs"]
+        _clear_kernel_hub_context()
         try:
             result = graph(*args, **kwargs)
             if counters["stats"]["unique_graphs"] != graphs:

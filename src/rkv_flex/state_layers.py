@@ -54,9 +54,10 @@ class StateLayer(LinearAttentionLayer):
     def recurrent_states(self, value: dict) -> None:
         self._full["recurrent"] = dict(value)
 
-    def _rows(self, fed: Tensor) -> int:
+    def _rows(self, like: Tensor) -> int:
+        """Rows to allocate: every row of the cache, also when the first forward feeds one."""
         counters = self.shared.counters
-        return fed.shape[0] if counters is None else counters.used.shape[0]
+        return like.shape[0] if counters is None else counters.used.shape[0]
 
     def lazy_initialization(
         self,
