@@ -182,3 +182,20 @@ def test_closing_the_first_engine_of_a_fresh_process_frees_its_cache_at_once():
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert done.stdout.strip().splitlines()[-1] == "True", done.stderr[-2000:]
+
+
+def test_transformers_compiled_generate_then_the_engine_then_eager_in_one_process():
+    """transformers' own compiled generate leaves the kernel hub's context variable set; rkv_flex's compiled calls
+    run with it cleared and put it back, so an eager forward that calls a compiled span kernel from its middle (a
+    prompt longer than the slots) still closes its context, and all three paths agree."""
+    from transformers import CompileConfig
+
+    model = patch_model(tiny_model("llama", 4, 2, seed=1), budget=16, buffer=8, prefill_chunk=16)
+    ids, mask = padded_prompt(1, 40, seed=1)  # read in pieces of 16: the later ones through the compiled span kernel
+    compile_config = CompileConfig(fullgraph=True, dynamic=False, mode="default")
+    compile_config._compile_all_devices = True  # transformers compiles only on accelerators unless told otherwise
+    options = dict(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
+    compiled_by_transformers = model.generate(**options, compile_config=compile_config)
+    engine = generate(model, ids, mask, max_new_tokens=20, eos_token_id=[])
+    eager = model.generate(**options, cache=make_cache(model))
+    assert torch.equal(compiled_by_transformers, engine) and torch.equal(engine, eager)
