@@ -185,9 +185,9 @@ def test_closing_the_first_engine_of_a_fresh_process_frees_its_cache_at_once():
 
 
 def test_transformers_compiled_generate_then_the_engine_then_eager_in_one_process():
-    """transformers' own compiled generate leaves the kernel hub's context variable set; rkv_flex's compiled calls
-    run with it cleared and put it back, so an eager forward that calls a compiled span kernel from its middle (a
-    prompt longer than the slots) still closes its context, and all three paths agree."""
+    """transformers' own compiled generate leaves the kernel hub's context variable set; an eager forward that then
+    calls rkv_flex's compiled span kernel from its middle (a prompt read in pieces) must still close its context
+    (clearing the variable around compiled calls broke exactly this): all three paths agree."""
     from transformers import CompileConfig
 
     model = patch_model(tiny_model("llama", 4, 2, seed=1), budget=16, buffer=8, prefill_chunk=16)

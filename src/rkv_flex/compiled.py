@@ -11,12 +11,10 @@ model frees them all.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import gc
-import sys
 import types
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
@@ -44,25 +42,6 @@ def private_copy(function: Callable) -> Callable:
     return functools.update_wrapper(copy, function)
 
 
-@contextlib.contextmanager
-def kernel_hub_context_cleared() -> Iterator[None]:
-    """Run a compiled call with the ``kernels`` package's context variable (transformers' kernel hub) as it is
-    outside any forward, and put it back afterwards. A compiled forward leaves it set (its trace replays the set but
-    reads a stale flag at the reset), and the next call would fail a guard on it and trace the whole model again;
-    putting back what was there keeps an eager forward that calls a compiled kernel from its middle intact."""
-    layer = sys.modules.get("kernels._internals.layer.layer")
-    state = getattr(layer, "_ACTIVE_KERNEL_FUNCS", None)
-    if state is None or not hasattr(state, "uses_global_var"):
-        yield
-        return
-    saved = state.global_var, state.uses_global_var
-    state.global_var, state.uses_global_var = None, False
-    try:
-        yield
-    finally:
-        state.global_var, state.uses_global_var = saved
-
-
 def compiled(function: Callable, mode: str | None = None) -> Callable:
     """``torch.compile(function, fullgraph=True, dynamic=False, mode=mode)`` over a private copy of ``function``,
     raising :class:`GraphLimitError` when one more graph would exceed dynamo's recompile limit."""
@@ -73,8 +52,7 @@ def compiled(function: Callable, mode: str | None = None) -> Callable:
     def call(*args: Any, **kwargs: Any) -> Any:
         graphs = counters["stats"]["unique_graphs"]
         try:
-            with kernel_hub_context_cleared():
-                result = graph(*args, **kwargs)
+            result = graph(*args, **kwargs)
             if counters["stats"]["unique_graphs"] != graphs:
                 # tracing leaves reference cycles that hold the inputs (a cache, its tensors) until the garbage
                 # collector runs: collect them now, so an owner that lets go of its cache frees it at once

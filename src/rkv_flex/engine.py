@@ -366,9 +366,10 @@ _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "greedy", "seed")
 
 
 def until_no_new_graph(graph: Any, *args: Any, tries: int = 3) -> None:
-    """Call a compiled function until a call compiles nothing: a first call that leaves Python state its guards
-    read otherwise than it found it would make the second call compile once more (the ``kernels`` package's context
-    variable did, until ``compiled`` cleared it before each call)."""
+    """Call a compiled function until a call compiles nothing. A first call can leave Python state its guards read
+    otherwise than it found it (the ``kernels`` package's context variable, which transformers' attention layers
+    use, stays set after a compiled forward), and the second call then compiles once more. Clearing that variable
+    instead races with eager forwards in other threads, which read it between their set and reset."""
     for _ in range(tries):
         before = counters["stats"]["unique_graphs"]
         graph(*args)
