@@ -26,7 +26,7 @@ Parts:
 
     python bench/throughput.py                    # CPU, bundled SmolLM2-135M
     python bench/throughput.py --device cuda --shape r1-llama-8b --dtype bfloat16 --cap-gib 100
-    python bench/throughput.py --parts F --out throughput-cpu-smollm2-adaptive
+    python bench/throughput.py --parts AF --out throughput-cpu-smollm2-AF
 """
 
 from __future__ import annotations
