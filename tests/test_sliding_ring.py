@@ -16,7 +16,7 @@ from rkv_flex import Engine, generate, make_cache, patch_model
 from rkv_flex.slots import LayerSlots, RingSlots
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     window=st.sampled_from([2, 3, 5, 8]),
     length=st.integers(1, 14),
