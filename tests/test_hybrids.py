@@ -13,26 +13,14 @@ import pytest
 import torch
 import torch._dynamo
 from conftest import greedy, padded_prompt
+from test_architectures import BASE as ARCHITECTURE_BASE
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import rkv_flex.compiled
 from rkv_flex import Engine, generate, make_cache, patch_model
 from rkv_flex.state_layers import StateLayer
 
-BASE = dict(
-    hidden_size=64,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    num_hidden_layers=4,
-    intermediate_size=64,
-    vocab_size=256,
-    max_position_embeddings=512,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-    initializer_range=0.1,
-)
+BASE = {**ARCHITECTURE_BASE, "num_hidden_layers": 4}
 ALTERNATING = ["linear_attention", "full_attention", "linear_attention", "full_attention"]
 GATED_DELTA = dict(
     layer_types=ALTERNATING,
