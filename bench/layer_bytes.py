@@ -1,7 +1,8 @@
 """Cache bytes a layer layout holds: the stock cache, rkv_flex with every attention layer budgeted, and rkv_flex
 with sliding-window layers as rings of their window, at a long generation; a hybrid's linear-attention layers keep
-the same constant-size state in all three. Checked by one small measured run per layout (the same layers, heads,
-head sizes and window, with a tiny hidden size, in fp32).
+the same constant-size state in all three, and a KV-sharing layer (Gemma 3n, Gemma 4) holds nothing in any. Checked
+by one small measured run per layout (the same layers, heads, head sizes and window, with a tiny hidden size, in
+fp32).
 
     python bench/layer_bytes.py [--tokens 32768 --budget 2048 --buffer 128]
 """
@@ -16,28 +17,44 @@ from common import environment, publish
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from rkv_flex import make_cache, patch_model
+from rkv_flex.patch import kv_sources, layer_shapes
 
 LAYOUTS = {  # layout -> (model type, what its released configuration sets beyond transformers' defaults)
     "gpt-oss-20b": ("gpt_oss", dict(num_hidden_layers=24)),
     "qwen3_5 (transformers' default)": ("qwen3_5_text", {}),
+    "gemma4 (transformers' default)": ("gemma4_text", {}),
+    "gemma3n (transformers' default)": ("gemma3n_text", {}),
 }
 SHRINK = {  # model type -> what shrinks it to a tiny measured model with the same layer layout
     "gpt_oss": dict(hidden_size=64, intermediate_size=32, num_local_experts=2, num_experts_per_tok=1, vocab_size=512),
     "qwen3_5_text": dict(hidden_size=64, intermediate_size=32, vocab_size=512),
+    "gemma4_text": dict(hidden_size=64, intermediate_size=32, vocab_size=512, vocab_size_per_layer_input=512),
+    "gemma3n_text": dict(
+        hidden_size=64, intermediate_size=32, vocab_size=512, vocab_size_per_layer_input=512, laurel_rank=4
+    ),
 }
 SINKS = {"gpt_oss"}
+ATTENTION = ("full_attention", "sliding_attention")
 
 
 def held_slots(config, tokens: int, budget: int, buffer: int, rings: bool) -> dict[str, list[int]]:
-    """Slots per attention layer (per row and KV head) for the stock cache and rkv_flex."""
+    """Slots per model layer (per row and KV head) for the stock cache and rkv_flex: 0 for a layer that holds none
+    (a constant-size state, or a KV-sharing layer that reads an earlier layer's)."""
     window, sink = getattr(config, "sliding_window", None), int(config.model_type in SINKS)
-    kinds = [kind for kind in config.layer_types if kind.endswith("attention") and kind != "linear_attention"]
+    sharing = kv_sources(config, config.layer_types)
     capacity = budget + buffer
-    sliding = [kind == "sliding_attention" for kind in kinds]
-    return {
-        "stock": [min(tokens, window) if s else tokens for s in sliding],
-        "rkv": [(window if s and rings and window <= capacity else capacity) + sink for s in sliding],
-    }
+    stock, rkv = [], []
+    for index, kind in enumerate(config.layer_types):
+        if kind not in ATTENTION or index in sharing:
+            stock.append(0)
+            rkv.append(0)
+        elif kind == "sliding_attention":
+            stock.append(min(tokens, window))
+            rkv.append((window if rings and window <= capacity else capacity) + sink)
+        else:
+            stock.append(tokens)
+            rkv.append(capacity + sink)
+    return {"stock": stock, "rkv": rkv}
 
 
 def state_bytes(config, element: int) -> int:
@@ -52,14 +69,19 @@ def state_bytes(config, element: int) -> int:
 
 
 def layout_bytes(config, tokens: int, budget: int, buffer: int, element: int) -> dict:
-    per_slot = 2 * config.num_key_value_heads * config.head_dim * element  # K and V of one slot in one layer
+    kv_heads, head_dims = layer_shapes(config)
+    per_slot = [2 * heads * dim * element for heads, dim in zip(kv_heads, head_dims, strict=True)]  # K and V
+
+    def total(slots: list[int]) -> int:
+        return sum(n * size for n, size in zip(slots, per_slot, strict=True)) + states
+
     rings = held_slots(config, tokens, budget, buffer, rings=True)
     budgeted = held_slots(config, tokens, budget, buffer, rings=False)
     states = state_bytes(config, element)
     return {
-        "stock": sum(rings["stock"]) * per_slot + states,
-        "rkv_every_layer_budgeted": sum(budgeted["rkv"]) * per_slot + states,
-        "rkv_sliding_rings": sum(rings["rkv"]) * per_slot + states,
+        "stock": total(rings["stock"]),
+        "rkv_every_layer_budgeted": total(budgeted["rkv"]),
+        "rkv_sliding_rings": total(rings["rkv"]),
         "constant_states": states,
     }
 
@@ -137,10 +159,12 @@ def main() -> None:
         config = AutoConfig.for_model(model_type, **released)
         kinds = config.layer_types
         counts = {kind: kinds.count(kind) for kind in sorted(set(kinds))}
+        kv_heads, head_dims = layer_shapes(config)
+        shapes = sorted({(kinds[i], kv_heads[i], head_dims[i]) for i in range(len(kinds)) if kinds[i] in ATTENTION})
         layouts[name] = {
             "layers": ", ".join(f"{n} {kind.replace('_attention', '')}" for kind, n in counts.items())
-            + f" (window {getattr(config, 'sliding_window', None)}); {config.num_key_value_heads} KV heads of "
-            f"{config.head_dim}",
+            + f" (window {getattr(config, 'sliding_window', None)}); "
+            + ", ".join(f"{kind.replace('_attention', '')}: {h} KV heads of {d}" for kind, h, d in shapes),
             "bytes": layout_bytes(config, args.tokens, args.budget, args.buffer, element=2),
             "measured": measured(model_type, released, tokens=200, budget=64, buffer=32),
         }

@@ -89,10 +89,12 @@ def greedy(model, ids, mask, **options):
 def test_every_architecture_in_the_table_is_tested():
     from test_families import FAMILIES
     from test_hybrids import HYBRIDS
+    from test_kv_sharing import SHARING
 
     text_models = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}  # AutoModelForCausalLM's own types
     assert set(text_models.values()) <= set(HYBRIDS)
-    tested = set(TINY) | set(FAMILIES) | set(HYBRIDS) | set(text_models) | {"llama", "mistral", "qwen2", "qwen3"}
+    tested = set(TINY) | set(FAMILIES) | set(HYBRIDS) | set(SHARING) | set(text_models)
+    tested |= {"llama", "mistral", "qwen2", "qwen3"}
     assert tested == set(ARCHITECTURES)
 
 
@@ -194,7 +196,7 @@ def test_latent_attention_and_bidirectional_gemma_are_refused():
     )
     with pytest.raises(ValueError, match=r"deepseek_v3.*latent attention caches compressed latents"):
         patch_model(AutoModelForCausalLM.from_config(config), budget=16)
-    with pytest.raises(ValueError, match="use_bidirectional_attention=True"):
+    with pytest.raises(ValueError, match="use_bidirectional_attention=True attends to later tokens"):
         patch_model(tiny("gemma3_text", use_bidirectional_attention=True), budget=16)
 
 

@@ -20,14 +20,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .cache import RKVLayer
+from .cache import RKVLayer, StagedSpan
 from .kernels import flex_step, masked_sdpa, sdpa_step, span_length
 
 ATTENTION_NAME = "rkv_flex"
 
 # Keyword arguments transformers passes that do not change attention's result here.
 INERT_KWARGS = frozenset(
-    {"position_ids", "use_cache", "rkv_layer", "output_attentions", "cache_position", "output_router_logits"}
+    {
+        "position_ids",
+        "use_cache",
+        "rkv_layer",
+        "rkv_source",
+        "output_attentions",
+        "cache_position",
+        "output_router_logits",
+    }
 )
 # Implemented: ``sliding_window`` (it must agree with the window the cache derived for the layer), ``softcap``
 # (logit soft-capping, Gemma 2) and ``s_aux`` (learned attention sinks, gpt-oss).
@@ -56,16 +64,22 @@ def rkv_attention(
 ) -> tuple[Tensor, None]:
     """transformers attention interface: returns ([B, L, Hq, Dv], None).
 
-    ``attention_mask`` is what :func:`padding_mask` produced: the new tokens' padding [B, L] bool, or None.
+    ``attention_mask`` is what :func:`padding_mask` produced: the new tokens' padding [B, 1, 1, L] bool, or None.
+    A KV-sharing layer (Gemma 3n/4) gets ``rkv_source``, the layer whose keys it reads, instead of ``rkv_layer``.
     """
     refuse_unknown(module, kwargs)
     if dropout:
         raise NotImplementedError("rkv_flex attention is for inference: attention dropout must be 0 (model.eval())")
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    padding = None if attention_mask is None else attention_mask.flatten(1)
     layer: RKVLayer | None = kwargs.get("rkv_layer")
-    if layer is None:
-        out = cache_free_attention(query, key, value, attention_mask, kwargs.get("position_ids"), scale, kwargs)
+    source: RKVLayer | None = kwargs.get("rkv_source")
+    if layer is None and source is None:
+        shares_kv = getattr(module, "is_kv_shared_layer", False)
+        out = cache_free_attention(query, key, value, padding, kwargs.get("position_ids"), scale, kwargs, shares_kv)
         return out.transpose(1, 2).contiguous(), None
+    reader = layer is None
+    layer = source if reader else layer
     window = layer.sliding_window
     if "sliding_window" in kwargs and kwargs["sliding_window"] != window and not torch.compiler.is_compiling():
         raise ValueError(
@@ -74,12 +88,20 @@ def rkv_attention(
         )
     positions = kwargs["position_ids"]
     changes = dict(softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"))
+    if reader:  # its queries attend the source's kept set; they neither score nor are recorded
+        batch, length = query.shape[0], query.shape[2]
+        positions = positions[:, -length:].expand(batch, length)  # Gemma 4 may read only the last queries
+        if layer.last_span is None:
+            out = decode_attention(layer, query, key, value, positions, scale, changes)
+        else:
+            out = attend_staged(layer, layer.last_span, query, positions, scale, changes)
+        return out.transpose(1, 2).contiguous(), None
     layer.learn_score_changes(**changes)
     if layer.incoming is None:  # one new token per row, already in the slots
         layer.observe_step(query, positions, scale)
         out = decode_attention(layer, query, key, value, positions, scale, changes)
     else:
-        out = span_attention(layer, query, attention_mask, positions, scale, changes)
+        out = span_attention(layer, query, padding, positions, scale, changes)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -103,18 +125,29 @@ def span_attention(
 ) -> Tensor:
     """A multi-token forward: attention over the used slots and the new tokens, staged by the layer, which then
     appends the new tokens (or keeps ``budget`` of them all)."""
-    length, window = query.shape[2], layer.sliding_window
+    length = query.shape[2]
     empty = not any(layer.shared.plan.used_before)
     dense = layer.config.attention == "sdpa" or empty
-    padded = length if dense else span_length(length)
-    staged = layer.stage(query, padding, scale, padded)
+    columns = length if dense else span_length(length)
+    span = StagedSpan(layer.stage(query, padding, scale, columns), columns, dense, empty)
+    out = attend_staged(layer, span, query, positions, scale, changes)
+    layer.keep_for_readers(span)
+    layer.commit(span.slots)
+    return out
+
+
+def attend_staged(
+    layer: RKVLayer, span: StagedSpan, query: Tensor, positions: Tensor, scale: float, changes: dict
+) -> Tensor:
+    """``query`` [B, Hq, L, D] (the span's queries, or its last L for a reader) over a staged span's slots."""
+    staged, window, length = span.slots, layer.sliding_window, query.shape[2]
     keys, values, valid, pos = staged.keys, staged.values, staged.valid, staged.pos
-    if empty:  # nothing before these tokens: causal attention among them, no kernel to compile
-        new = slice(keys.shape[2] - padded, None)
+    if span.empty:  # nothing before these tokens: causal attention among them, no kernel to compile
+        new = slice(keys.shape[2] - span.columns, None)
         keys, values, valid, pos = keys[:, :, new], values[:, :, new], valid[:, :, new], pos[:, :, new]
     out = None
-    if not dense:
-        extra = padded - length
+    if not span.dense:
+        extra = span.columns - length
         staged_query = torch.cat([query, query.new_zeros(*query.shape[:2], extra, query.shape[-1])], dim=2)
         query_pos = torch.cat([positions, positions.new_full((positions.shape[0], extra), -1)], dim=1)
         sink_slot = layer.staged_sink_slot
@@ -124,16 +157,23 @@ def span_attention(
         out = None if out is None else out[:, :, :length]
     if out is None:
         out = masked_sdpa(query, keys, values, valid, pos, positions, scale, window, **changes)
-    layer.commit(staged)
     return out
 
 
 def cache_free_attention(
-    query: Tensor, key: Tensor, value: Tensor, padding: Tensor | None, position_ids: Tensor | None, scale: float, kwargs
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    padding: Tensor | None,
+    position_ids: Tensor | None,
+    scale: float,
+    kwargs: dict,
+    shares_kv: bool = False,
 ) -> Tensor:
-    """A patched model run without an RKVCache: exact causal attention over this forward's own tokens."""
+    """A patched model run without an RKVCache: exact causal attention over this forward's own tokens (a KV-sharing
+    layer of Gemma 4 may ask it for the last of them only)."""
     batch, kv_heads, length = key.shape[:3]
-    if length != query.shape[2]:
+    if length != query.shape[2] and not shares_kv:
         raise RuntimeError(
             "this model is patched by rkv_flex and can only continue from an RKVCache; it was given another cache. "
             "Let generate() create the cache, pass rkv_flex.make_cache(model), or call unpatch_model(model) first."
@@ -146,7 +186,9 @@ def cache_free_attention(
         valid &= padding[:, None, :]
     pos = position_ids[:, None, :].expand(batch, kv_heads, length)
     changes = dict(softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"))
-    return masked_sdpa(query, key, value, valid, pos, position_ids, scale, kwargs.get("sliding_window"), **changes)
+    query_positions = position_ids[:, length - query.shape[2] :]
+    window = kwargs.get("sliding_window")
+    return masked_sdpa(query, key, value, valid, pos, query_positions, scale, window, **changes)
 
 
 def padding_mask(
@@ -159,11 +201,12 @@ def padding_mask(
     attention_mask: Tensor | None = None,
     **kwargs,
 ) -> Tensor | None:
-    """transformers mask interface: hand attention only the new tokens' padding [B, L] (None when decoding).
+    """transformers mask interface: hand attention only the new tokens' padding [B, 1, 1, L] (None when decoding).
 
     The slot rule replaces the causal mask, so nothing else is needed; returning None for single-token steps keeps
-    the decode inputs static.
+    the decode inputs static. The mask is 4-D with one query row, so a model that keeps only its last queries for
+    some layers (Gemma 4 slices the masks' query dimension) leaves it whole.
     """
     if attention_mask is None or q_length == 1:
         return None
-    return attention_mask[:, -q_length:].to(torch.bool)
+    return attention_mask[:, None, None, -q_length:].to(torch.bool)

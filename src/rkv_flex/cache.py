@@ -42,6 +42,14 @@ class LayerSpec:
     sinks: bool = False  # learned attention sinks: one more slot, never holding a token, carries them
 
 
+@dataclass(frozen=True)
+class SharesKV:
+    """A layer that computes no keys or values of its own and attends those of an earlier layer (Gemma 3n and
+    Gemma 4 share them from a cut-off layer on)."""
+
+    source: int  # the model layer whose kept slots it reads
+
+
 @dataclass
 class SharedState:
     """What every layer of one cache reads: the per-row counters and the current forward's plan."""
@@ -71,6 +79,8 @@ class RKVLayer(CacheLayerMixin):
         self.incoming: tuple[Tensor, Tensor, Tensor] | None = None  # a span's K, V and positions
         self.softcap: float | None = None  # the model's score changes, learnt from its attention calls
         self.sinks: Tensor | None = None
+        self.has_readers = False  # later layers attend these slots (KV sharing)
+        self.last_span: StagedSpan | None = None  # what the last span attended, kept for the readers
 
     # -- allocation ---------------------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
@@ -210,6 +220,11 @@ class RKVLayer(CacheLayerMixin):
             slots.add_view_attention(used, received)  # the used slots' share (a staged span repacks over it)
         return staged
 
+    def keep_for_readers(self, span: StagedSpan) -> None:
+        """KV-sharing layers attend what this layer's span attended (its slots before the span's compaction)."""
+        if self.has_readers:
+            self.last_span = span
+
     def commit(self, staged: SlotState) -> None:
         """After a span's attention: append its tokens, or keep ``budget`` of the staged slots."""
         self.view.commit_span(self.policy, self.config, staged, self.shared.plan)
@@ -282,7 +297,7 @@ class RKVLayer(CacheLayerMixin):
     def reset(self) -> None:
         if self.slots is not None:
             self.slots.reset()
-        self.incoming = None
+        self.incoming = self.last_span = None
 
     def reorder_cache(self, beam_idx: Tensor) -> None:
         if self.slots is not None:
@@ -292,6 +307,52 @@ class RKVLayer(CacheLayerMixin):
     def kv_bytes(self) -> int:
         """Bytes of K and V held (the slots, free ones included)."""
         return 0 if self.slots is None else self.slots.kv_bytes
+
+
+@dataclass(frozen=True)
+class StagedSpan:
+    """A span's staged slots as its layer attended them: ``columns`` new-token columns (``length`` real ones, then
+    padding for a fixed kernel shape); ``dense``: attended with the dense reference (``empty``: nothing before)."""
+
+    slots: SlotState
+    columns: int
+    dense: bool
+    empty: bool
+
+
+class SharedKVLayer(CacheLayerMixin):
+    """A KV-sharing layer's place in the cache: it holds nothing and selects nothing; its attention reads the source
+    layer's kept set (that layer's slots, or in a span what that layer's span attended)."""
+
+    is_compileable = True
+    is_sliding = False
+
+    def __init__(self, source: RKVLayer):
+        super().__init__()
+        self.source = source
+        source.has_readers = True
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        pass
+
+    def update(self, key_states: Tensor, value_states: Tensor, kwargs: dict) -> tuple[Tensor, Tensor]:
+        raise RuntimeError(f"this layer reads layer {self.source.index}'s keys and values; it never writes its own")
+
+    def get_seq_length(self) -> int:
+        return self.source.get_seq_length()
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.source.get_mask_sizes(query_length)
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        pass
+
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        pass
 
 
 def _with_capacity(config: RKVConfig, capacity: int) -> RKVConfig:
@@ -331,20 +392,24 @@ class RKVCache(Cache):
     ``compactor`` runs the compaction of all layers; the compiled loop swaps in a compiled one.
     """
 
-    def __init__(self, config: RKVConfig, layers: list[LayerSpec | None], kernels: KernelChecks | None = None):
-        """``layers``: per model layer, its attention's spec, or None for a layer with a constant-size state."""
+    def __init__(
+        self, config: RKVConfig, layers: list[LayerSpec | SharesKV | None], kernels: KernelChecks | None = None
+    ):
+        """``layers``: per model layer, its attention's spec, the layer whose keys it shares, or None for a layer
+        with a constant-size state."""
         self.config = config
         self.policy = make_policy(config)
         self.shared = SharedState(kernels=kernels or KernelChecks(enabled=config.check_kernels))
-        self.shared.first_attention = next(index for index, spec in enumerate(layers) if spec is not None)
-        super().__init__(
-            layers=[
-                StateLayer(self.shared, index)
-                if spec is None
-                else RKVLayer(config, self.policy, spec, self.shared, index)
-                for index, spec in enumerate(layers)
-            ]
-        )
+        self.shared.first_attention = next(index for index, spec in enumerate(layers) if isinstance(spec, LayerSpec))
+        built: list[CacheLayerMixin] = []
+        for index, spec in enumerate(layers):
+            if spec is None:
+                built.append(StateLayer(self.shared, index))
+            elif isinstance(spec, SharesKV):
+                built.append(SharedKVLayer(built[spec.source]))
+            else:
+                built.append(RKVLayer(config, self.policy, spec, self.shared, index))
+        super().__init__(layers=built)
         self.attention: list[RKVLayer] = [layer for layer in self.layers if isinstance(layer, RKVLayer)]
         self.states: list[StateLayer] = [layer for layer in self.layers if isinstance(layer, StateLayer)]
         self.planner: Planner | None = None
@@ -393,7 +458,13 @@ class RKVCache(Cache):
         if self.shared.rows == slice(None) and len(plan.rows) != self.planner.batch and length > 1:
             raise RuntimeError("a span planned for some rows must feed them alone (cache.feeding(rows))")
         self.shared.plan = plan
+        self._forget_spans()
         return plan
+
+    def _forget_spans(self) -> None:
+        """A new forward: the readers of the last span are done with it (free its staged slots)."""
+        for layer in self.attention:
+            layer.last_span = None
 
     def _set_counters(self, plan: Plan) -> None:
         """A span: the fed rows' slots used and tokens seen after it, as planned."""
@@ -462,6 +533,7 @@ class RKVCache(Cache):
         self.planner.pending = None  # a compiled step consumed the previous plan without telling the host
         plan = self._plan(length, rows)
         self.shared.plan = plan
+        self._forget_spans()
         return plan
 
     def sync_rows(self, rows: list[int]) -> None:

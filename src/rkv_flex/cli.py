@@ -238,12 +238,10 @@ def summary(
 ) -> str:
     """Time to the first token (prefill), time spent compiling (a one-off), the steady speed of decoding without it,
     and the KV slots and bytes held against what a full cache would hold."""
-    text = model.config.get_text_config()
-    layers, kv_heads = text.num_hidden_layers, text.num_key_value_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    element = torch.finfo(model.dtype).bits // 8
+    from .patch import stock_kv_bytes
+
     seen = prompt_tokens + new_tokens
-    full_bytes = 2 * layers * kv_heads * head_dim * element * seen
+    full_bytes = stock_kv_bytes(model, seen)  # one row, as the cache holds
     held = cache.kv_bytes
     (first, compiled_first, _), (last, compiled_last, _) = stamps[0], stamps[-1]
     compiling = compiled_last - start[1]

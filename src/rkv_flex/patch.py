@@ -18,7 +18,7 @@ from transformers import AttentionInterface, LogitsProcessor, LogitsProcessorLis
 from transformers.masking_utils import AttentionMaskInterface
 
 from .attention import ATTENTION_NAME, padding_mask, rkv_attention
-from .cache import LayerSpec, RKVCache
+from .cache import LayerSpec, RKVCache, SharedKVLayer, SharesKV
 from .compiled import GraphStore
 from .config import RKVConfig
 from .forward import feed, padded_columns, prompt_pieces
@@ -37,6 +37,7 @@ class Architecture:
     nope: bool = False  # some layers use no rotary embedding: their keys are cached as computed
     moe: bool = False  # mixture-of-experts feed-forward: nothing for the cache to do
     states: bool = False  # hybrid: some layers keep a constant-size state (linear attention, Mamba, convolution)
+    shares_kv: bool = False  # later layers attend an earlier layer's keys and values: they read its kept set
 
 
 ARCHITECTURES = {
@@ -57,6 +58,9 @@ ARCHITECTURES = {
     "ministral": Architecture(sliding=True),
     "gemma2": Architecture(sliding=True, softcap=True),
     "gemma3_text": Architecture(sliding=True),
+    "gemma3n_text": Architecture(sliding=True, shares_kv=True),
+    "gemma4_text": Architecture(sliding=True, shares_kv=True, moe=True),
+    "gemma4_unified_text": Architecture(sliding=True, shares_kv=True),
     "glm4_moe": Architecture(moe=True),
     "minimax_m2": Architecture(moe=True),
     "ernie4_5": Architecture(),
@@ -105,12 +109,16 @@ class PatchRecord:
     graphs: GraphStore = field(default_factory=GraphStore)
     kernels: KernelChecks | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    hooks: list[Any] = field(default_factory=list)  # KV-sharing layers' hooks (handles to remove)
 
     def __post_init__(self) -> None:
         if self.kernels is None:
             self.kernels = KernelChecks(self.graphs, enabled=self.config.check_kernels)
 
     def release(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks.clear()
         for engine in self.engines.values():
             engine.close()
         self.engines.clear()
@@ -136,16 +144,23 @@ def _check_model(model: Any) -> None:
     layer_kinds(model)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     ranks = getattr(model, "tp_size", None) or 1
-    if text.num_key_value_heads % ranks or text.num_attention_heads % ranks:
+    kv_heads = sorted(set(layer_shapes(text)[0]))
+    if any(heads % ranks for heads in kv_heads) or text.num_attention_heads % ranks:
         raise ValueError(
             f"this model is split over {ranks} tensor-parallel ranks, which does not divide its "
-            f"{text.num_key_value_heads} KV heads and {text.num_attention_heads} query heads: a KV head (or its query "
-            "group) would be split across ranks, and R-KV scores and keeps tokens per whole KV head"
+            f"{'/'.join(map(str, kv_heads))} KV heads and {text.num_attention_heads} query heads: a KV head (or its "
+            "query group) would be split across ranks, and R-KV scores and keeps tokens per whole KV head"
         )
-    if getattr(text, "use_bidirectional_attention", False):
+    if all(mode == "reuse" for mode in getattr(text, "kv_sharing_modes", None) or [None]):
         raise ValueError(
-            f"{model_type} with use_bidirectional_attention=True attends to later tokens, which a decoding cache "
-            "cannot serve; rkv_flex refuses it"
+            f"every layer of this {model_type} reads keys and values another model computes (an assistant model): "
+            "it has no cache of its own to compress"
+        )
+    bidirectional = getattr(text, "use_bidirectional_attention", None)
+    if bidirectional is True or bidirectional == "all":  # "vision": only image tokens of the multimodal model
+        raise ValueError(
+            f"{model_type} with use_bidirectional_attention={bidirectional!r} attends to later tokens, which a "
+            "decoding cache cannot serve; rkv_flex refuses it"
         )
     if type(model).__name__.endswith("ForConditionalGeneration"):
         raise ValueError(
@@ -183,9 +198,23 @@ def patch_model(model: Any, config: RKVConfig | None = None, /, **options: Any) 
     _register()
     previous = model.config._attn_implementation
     model.set_attn_implementation(ATTENTION_NAME)
-    model.__dict__[_PATCH_ATTR] = PatchRecord(config, previous)
+    record = PatchRecord(config, previous)
+    for module in model.modules():  # KV-sharing attention learns, per forward, which layer's slots it reads
+        if getattr(module, "is_kv_shared_layer", False):
+            record.hooks.append(module.register_forward_pre_hook(_name_the_source, with_kwargs=True))
+    model.__dict__[_PATCH_ATTR] = record
     model.__dict__["generate"] = PatchedGenerate(model)
     return model
+
+
+def _name_the_source(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Before a KV-sharing attention runs: it receives the cache layer whose kept set it reads (transformers hands it
+    that layer's keys and values, but not what the cache knows of them)."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if isinstance(cache, RKVCache):
+        layer = cache.layers[module.layer_idx]
+        kwargs = {**kwargs, "rkv_source": layer.source if isinstance(layer, SharedKVLayer) else None}
+    return args, kwargs
 
 
 def unpatch_model(model: Any) -> Any:
@@ -218,11 +247,11 @@ def layer_kinds(model: Any) -> list[str]:
     return kinds
 
 
-def layer_specs(model: Any) -> list[LayerSpec | None]:
-    """Per decoder layer, what the slot cache must know: query heads per KV head, sliding window, sinks; None for a
-    layer whose state is constant-size (linear attention, Mamba, convolution), which transformers' layer keeps."""
+def layer_specs(model: Any) -> list[LayerSpec | SharesKV | None]:
+    """Per decoder layer, what the slot cache must know: query heads per KV head, sliding window, sinks; the layer
+    whose keys a KV-sharing layer reads; None for a layer whose state is constant-size (linear attention, Mamba,
+    convolution), which transformers' layer keeps."""
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    group = text.num_attention_heads // text.num_key_value_heads
     window = getattr(text, "sliding_window", None)
     if getattr(text, "use_sliding_window", True) is False:  # SmolLM3 and Qwen keep the field but switch it off
         window = None
@@ -231,7 +260,48 @@ def layer_specs(model: Any) -> list[LayerSpec | None]:
         kinds = ["sliding_attention" if window is not None else "full_attention"] * len(kinds)
     sinks = ARCHITECTURES.get(model.config.model_type, Architecture()).sinks
     windows = {"full_attention": None, "sliding_attention": window}
-    return [LayerSpec(group, windows[kind], sinks) if kind in windows else None for kind in kinds]
+    kv_heads, _ = layer_shapes(text)
+    sources = kv_sources(text, kinds)
+    specs: list[LayerSpec | SharesKV | None] = []
+    for index, kind in enumerate(kinds):
+        if index in sources:
+            specs.append(SharesKV(sources[index]))
+        elif kind in windows:
+            specs.append(LayerSpec(text.num_attention_heads // kv_heads[index], windows[kind], sinks))
+        else:
+            specs.append(None)
+    return specs
+
+
+def layer_shapes(text: Any) -> tuple[list[int], list[int]]:
+    """Each layer's KV heads and head size (Gemma 4's full layers have their own; configs that allow it say so per
+    layer)."""
+    per_layer = getattr(text, "per_layer_config", None)
+    configs = [text if per_layer is None else per_layer[index] for index in range(text.num_hidden_layers)]
+    default_dim = text.hidden_size // text.num_attention_heads
+    return [c.num_key_value_heads for c in configs], [getattr(c, "head_dim", None) or default_dim for c in configs]
+
+
+def stock_kv_bytes(model: Any, tokens: int) -> int:
+    """Bytes of K and V transformers' own cache holds for one row after ``tokens`` tokens: every layer that
+    computes keys holds them all, a sliding layer its window (a KV-sharing or constant-state layer none)."""
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    kv_heads, head_dims = layer_shapes(text)
+    element = torch.finfo(model.dtype).bits // 8
+    total = 0
+    for spec, heads, dim in zip(layer_specs(model), kv_heads, head_dims, strict=True):
+        if isinstance(spec, LayerSpec):
+            held = tokens if spec.sliding_window is None else min(tokens, spec.sliding_window)
+            total += 2 * heads * dim * element * held
+    return total
+
+
+def kv_sources(text: Any, kinds: list[str]) -> dict[int, int]:
+    """KV sharing (Gemma 3n, Gemma 4): each reading layer's source, the last earlier layer of its kind that stores
+    its keys for readers."""
+    modes = getattr(text, "kv_sharing_modes", None) or [None] * len(kinds)
+    stores = {kinds[index]: index for index, mode in enumerate(modes) if mode == "store"}
+    return {index: stores[kinds[index]] for index, mode in enumerate(modes) if mode == "reuse"}
 
 
 BATCH_DEPENDENT_ROPE = ("longrope", "dynamic")  # transformers picks their frequencies from the batch's largest position
