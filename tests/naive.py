@@ -96,3 +96,49 @@ def select_adaptive(scores, valid, window, total, floor, ceiling):
         for _, h, j in sorted(contest, key=lambda c: -c[0])[: max(left, 0)]:
             keep[b, h, j] = True
     return keep
+
+
+def triattention(keys, pos, candidates, center, magnitude, omega, amplitude, rotary, now, offsets):
+    """TriAttention's score as its reference computes it: each post-RoPE key un-rotated at its own position, then per
+    query head and pair ``|c||k| cos(omega (now - p + o) + arg c - arg k)`` averaged over the offsets, plus
+    ``(m - |c|) |k|``; z-normalised over the candidates (population std, at least 1e-6); max over the group."""
+    batch, kv_heads, slots, dim = keys.shape
+    q_heads, pairs = center.shape[1], dim // 2
+    group = q_heads // kv_heads
+    half, rest = rotary // 2, (dim - rotary) // 2
+    index = [(f, f + half) if f < half else (rotary + f - half, rotary + rest + f - half) for f in range(pairs)]
+
+    def pair(vector, f):
+        re, im = index[f]
+        return complex(float(vector[re]), float(vector[im]))
+
+    out = torch.full((batch, kv_heads, slots), -math.inf, dtype=torch.float64)
+    for b in range(batch):
+        for h in range(kv_heads):
+            cand = [s for s in range(slots) if candidates[b, h, s]]
+            for g in range(group):
+                q = h * group + g
+                scores = {}
+                for s in range(slots):
+                    total = 0.0
+                    for f in range(pairs):
+                        w, a = float(omega[f]), float(amplitude[f])
+                        key = (
+                            pair(keys[b, h, s].double(), f)
+                            / a
+                            * complex(math.cos(-w * float(pos[b, h, s])), math.sin(-w * float(pos[b, h, s])))
+                        )  # un-rotated at its own position
+                        c = pair(center[b if center.shape[0] > 1 else 0, q].double(), f)
+                        phi = math.atan2(c.imag, c.real) - math.atan2(key.imag, key.real)
+                        trig = sum(
+                            math.cos(w * (float(now[b]) - float(pos[b, h, s]) + o) + phi) for o in offsets
+                        ) / len(offsets)
+                        m = float(magnitude[b if magnitude.shape[0] > 1 else 0, q, f])
+                        total += abs(c) * abs(key) * trig + (m - abs(c)) * abs(key)
+                    scores[s] = total
+                values = [scores[s] for s in cand]
+                mean = sum(values) / max(len(values), 1)
+                std = max(math.sqrt(sum((v - mean) ** 2 for v in values) / max(len(values), 1)), 1e-6)
+                for s in range(slots):
+                    out[b, h, s] = max(out[b, h, s], (scores[s] - mean) / std)
+    return out

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -28,8 +28,9 @@ from .kernel_checks import KernelChecks
 from .planner import Plan, Planner
 from .policies import Policy, SlotState, make_policy
 from .pool import allocate_slots
+from .rope import Rope, invert, split_pairs
 from .scoring import received_attention
-from .slots import RowCounters, SlotStorage
+from .slots import RowCounters, SlotStorage, static
 from .state_layers import StateLayer
 
 
@@ -40,6 +41,8 @@ class LayerSpec:
     query_group: int  # query heads per KV head
     sliding_window: int | None = None  # attention reaches this many positions back (None: all)
     sinks: bool = False  # learned attention sinks: one more slot, never holding a token, carries them
+    rope: Rope | None = None  # the layer's rotation (TriAttention's score needs it)
+    statistics: tuple[Tensor, Tensor] | None = None  # calibrated query centre [Hq, D] and magnitudes [Hq, D/2]
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,7 @@ class RKVLayer(CacheLayerMixin):
         self.incoming: tuple[Tensor, Tensor, Tensor] | None = None  # a span's K, V and positions
         self.softcap: float | None = None  # the model's score changes, learnt from its attention calls
         self.sinks: Tensor | None = None
+        self.query_moments: Tensor | None = None  # [B, Hq, D + D/2 + 1]: sums of pre-RoPE queries, |pairs|, count
         self.has_readers = False  # later layers attend these slots (KV sharing)
         self.last_span: StagedSpan | None = None  # what the last span attended, kept for the readers
 
@@ -94,6 +98,13 @@ class RKVLayer(CacheLayerMixin):
         self.slots = allocate_slots(
             config, self.spec.query_group, self.spec.sinks, batch, key_states, value_states, tracks, ring
         )
+        if self.policy.tracks_queries:
+            if self.spec.rope is None:
+                raise ValueError(f"{self.policy!r} needs each layer's RoPE: build the cache with make_cache(model)")
+            if self.spec.statistics is None:
+                heads, dim = key_states.shape[1] * self.spec.query_group, key_states.shape[-1]
+                moments = torch.zeros(batch, heads, dim + dim // 2 + 1, dtype=torch.float32, device=self.device)
+                self.query_moments = static(moments)
 
     def grow(self, capacity: int) -> None:
         self.capacity = capacity
@@ -120,6 +131,38 @@ class RKVLayer(CacheLayerMixin):
     def counters(self) -> RowCounters:
         rows, counters = self.shared.rows, self.shared.counters
         return counters if rows == slice(None) else counters.narrow(rows)
+
+    @property
+    def moments(self) -> Tensor:
+        """The query moments of the rows the current forward feeds."""
+        rows = self.shared.rows
+        return self.query_moments if rows == slice(None) else self.query_moments[rows]
+
+    def observe_queries(self, query: Tensor, positions: Tensor, weight: Tensor) -> None:
+        """Add queries [B, Hq, L, D] at ``positions`` [B, L], each weighted by ``weight`` [B, L] (0: padding or a
+        row not fed), to the running statistics (online TriAttention)."""
+        if self.query_moments is None:
+            return
+        rope = self.spec.rope.to(query.device)
+        unrotated = invert(query, positions, rope)  # [B, Hq, L, D] fp32
+        real, imag = split_pairs(unrotated, rope.rotary)
+        weight = weight.float()[:, None, :, None]
+        moments = torch.cat([unrotated, torch.hypot(real, imag), torch.ones_like(real[..., :1])], dim=-1)
+        self.moments.add_((moments * weight).sum(dim=2))
+
+    def with_statistics(self, state: SlotState) -> SlotState:
+        """``state`` with the query statistics and RoPE that policies tracking queries score with."""
+        if not self.policy.tracks_queries:
+            return state
+        rope, batch = self.spec.rope.to(state.keys.device), state.keys.shape[0]
+        if self.spec.statistics is not None:
+            center, magnitude = (t.to(state.keys.device)[None].expand(batch, -1, -1) for t in self.spec.statistics)
+        else:
+            moments = self.moments
+            dim = state.keys.shape[-1]
+            mean = moments[..., :-1] / moments[..., -1:].clamp(min=1.0)
+            center, magnitude = mean[..., :dim].clone(), mean[..., dim:].clone()  # no aliasing into compiled regions
+        return replace(state, query_center=center, query_magnitude=magnitude, rope=rope)
 
     @property
     def scaling(self) -> float:
@@ -166,6 +209,7 @@ class RKVLayer(CacheLayerMixin):
         self._learn_scaling(scaling)
         slots, counters = self.view, self.counters
         slots.record_queries(query, (counters.seen - 1) % self.config.window, counters.fed)
+        self.observe_queries(query, positions, counters.fed[:, None])
         if slots.attention_sum is not None:
             received = received_attention(
                 query,
@@ -193,6 +237,7 @@ class RKVLayer(CacheLayerMixin):
         kept = min(count, self.config.window)
         ring = (plan.seen_before[0] + count - kept) % self.config.window
         slots.record_queries(query, ring)
+        self.observe_queries(query, positions, new_valid)
         if self.index == self.shared.first_attention:  # shared by all layers: the ring's validity, padding seen
             ring_slots = (ring + torch.arange(kept, device=keys.device)) % self.config.window
             counters.query_valid.index_copy_(1, ring_slots, new_valid[:, -kept:])
@@ -203,6 +248,7 @@ class RKVLayer(CacheLayerMixin):
         held = slots.occupancy(used)
         query_valid, softcap = counters.query_valid, self.softcap
         staged = view.staged(keys, values, positions, new_valid, length, held, query_valid, scaling, softcap)
+        staged = self.with_statistics(staged)
         if staged.attention_sum is not None:  # what the real (not padding) new queries pay every slot
             received = received_attention(
                 query,
@@ -274,13 +320,10 @@ class RKVLayer(CacheLayerMixin):
         used = counters.used.to(slots.keys.device)
         query_valid = counters.query_valid.to(used.device)
         state = slots.scoring_state(used, self.config.window, query_valid, self.scaling, self.softcap)
+        state = self.with_statistics(state)
         fed = counters.fed
         if rows is not None:
-            state = SlotState(
-                *(None if t is None else t.index_select(0, rows) for t in _tensors(state)),
-                scaling=state.scaling,
-                softcap=state.softcap,
-            )
+            state = replace(state, **{name: t.index_select(0, rows) for name, t in _row_tensors(state).items()})
             fed = fed.index_select(0, rows)
         slots.keep_best(self.policy, self.config, state, rows, fed)
 
@@ -297,11 +340,20 @@ class RKVLayer(CacheLayerMixin):
     def reset(self) -> None:
         if self.slots is not None:
             self.slots.reset()
+        if self.query_moments is not None:
+            self.query_moments.zero_()
         self.incoming = self.last_span = None
 
     def reorder_cache(self, beam_idx: Tensor) -> None:
         if self.slots is not None:
             self.slots.reorder(beam_idx.to(self.device))
+        if self.query_moments is not None:
+            self.query_moments.copy_(self.query_moments.index_select(0, beam_idx.to(self.device)))
+
+    def tensors(self) -> list[Tensor]:
+        """Every tensor the layer keeps between forwards: its slots, and its query statistics if it has them."""
+        kept = [] if self.slots is None else [t for t in self.slots.tensors().values() if t is not None]
+        return kept + ([] if self.query_moments is None else [self.query_moments])
 
     @property
     def kv_bytes(self) -> int:
@@ -357,22 +409,14 @@ class SharedKVLayer(CacheLayerMixin):
 
 def _with_capacity(config: RKVConfig, capacity: int) -> RKVConfig:
     """``config`` with slots for ``capacity`` tokens (a cache that never evicts, sized to the whole generation)."""
-    from dataclasses import replace
-
     return replace(config, buffer=capacity - config.budget)
 
 
-def _tensors(state: SlotState) -> tuple:
-    return (
-        state.keys,
-        state.values,
-        state.valid,
-        state.pos,
-        state.window,
-        state.queries,
-        state.query_valid,
-        state.attention_sum,
-    )
+def _row_tensors(state: SlotState) -> dict[str, Tensor]:
+    """The state's tensors that have a row dimension."""
+    names = ("keys", "values", "valid", "pos", "window", "queries", "query_valid", "attention_sum")
+    names += ("query_center", "query_magnitude")
+    return {name: getattr(state, name) for name in names if getattr(state, name) is not None}
 
 
 def compact_layers(layers: list[RKVLayer], counters: RowCounters, budget: int, rows: Tensor | None) -> None:
@@ -504,6 +548,8 @@ class RKVCache(Cache):
             for layer in self.attention:
                 if layer.slots is not None:
                     layer.slots.reset(slice(row, row + 1))
+                if layer.query_moments is not None:
+                    layer.query_moments[row] = 0
             for state in self.states:
                 state.reset_rows(slice(row, row + 1))
 

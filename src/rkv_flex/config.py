@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
-POLICY_NAMES = ("rkv", "snapkv", "streaming", "h2o", "random", "full")
+POLICY_NAMES = ("rkv", "snapkv", "streaming", "h2o", "random", "full", "triattention")
 ATTENTION_BACKENDS = ("flex", "sdpa")
 ALLOCATIONS = ("uniform", "adaptive")
 # Policies whose scores rank positions the same way in every head: nothing for an adaptive allocation to go by.
@@ -35,8 +36,10 @@ class RKVConfig:
         lam: R-KV mixing weight, score = lam * importance - (1 - lam) * redundancy. 1.0 is pure importance.
         kernel: max-pool width applied to importance along token order (odd).
         threshold: cosine similarity above which two keys count as near-duplicates (R-KV redundancy).
-        policy: "rkv", "snapkv", "streaming", "h2o", "random", "full", a :class:`~rkv_flex.policies.Policy`, or a
-            scoring callable ``(SlotState) -> Tensor``.
+        policy: "rkv", "snapkv", "streaming", "h2o", "random", "full", "triattention", a
+            :class:`~rkv_flex.policies.Policy`, or a scoring callable ``(SlotState) -> Tensor``.
+        statistics: "triattention": a file of per-head query statistics written by ``rkv-flex calibrate``; None
+            (the default) keeps running statistics of the model's own queries instead (online).
         compact_prompt: a prompt that does not fit the slots is compacted while it is read (chunk by chunk); False
             refuses such a prompt instead (nothing of the prompt is ever evicted before decoding starts).
         prefill_chunk: prompt tokens fed per forward by ``generate`` (both paths) and the engine; None feeds the
@@ -70,6 +73,7 @@ class RKVConfig:
     head_floor: float = 0.2
     head_ceiling: float = 2.0
     check_kernels: bool = True
+    statistics: str | None = None
 
     def __post_init__(self) -> None:
         _require_int("budget", self.budget, 1)
@@ -107,6 +111,11 @@ class RKVConfig:
             raise ValueError(
                 f"RKVConfig.sinks ({self.sinks}) + window ({self.window}) must fit in budget ({self.budget})"
             )
+        if self.statistics is not None:
+            if self.policy != "triattention":
+                raise ValueError(f"RKVConfig.statistics is for policy='triattention', not {self.policy!r}")
+            if not isinstance(self.statistics, str) or not os.path.isfile(self.statistics):
+                raise ValueError(f"RKVConfig.statistics: no calibration file at {self.statistics!r}")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"RKVConfig.allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
         if not 0.0 <= self.head_floor <= 1.0:

@@ -380,7 +380,7 @@ def until_no_new_graph(graph: Any, *args: Any, tries: int = 3) -> None:
 @contextlib.contextmanager
 def preserved(cache: RKVCache, buffers: StepBuffers) -> Iterator[None]:
     """Whatever runs inside leaves the cache's slots, states and counters and the step buffers as they were."""
-    tensors = [tensor for layer in cache.attention for tensor in layer.slots.tensors().values() if tensor is not None]
+    tensors = [tensor for layer in cache.attention for tensor in layer.tensors()]
     tensors += [tensor for state in cache.states for tensor in state.tensors()]
     counters = cache.shared.counters
     tensors += [counters.used, counters.seen, counters.query_valid, counters.fed]

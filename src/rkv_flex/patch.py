@@ -23,6 +23,8 @@ from .compiled import GraphStore
 from .config import RKVConfig
 from .forward import feed, padded_columns, prompt_pieces
 from .kernel_checks import KernelChecks
+from .policies import make_policy
+from .rope import Rope, model_ropes
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,8 @@ class PatchRecord:
     kernels: KernelChecks | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     hooks: list[Any] = field(default_factory=list)  # KV-sharing layers' hooks (handles to remove)
+    ropes: list[Rope | None] | None = None  # each layer's rotation, for policies that track queries
+    statistics: dict[int, tuple] | None = None  # calibrated query statistics per layer (RKVConfig.statistics)
 
     def __post_init__(self) -> None:
         if self.kernels is None:
@@ -195,16 +199,37 @@ def patch_model(model: Any, config: RKVConfig | None = None, /, **options: Any) 
     elif not isinstance(config, RKVConfig):
         raise TypeError(f"config must be an RKVConfig, got {type(config).__name__}")
     _check_model(model)
+    ropes, statistics = query_statistics_inputs(model, config)
     _register()
     previous = model.config._attn_implementation
     model.set_attn_implementation(ATTENTION_NAME)
-    record = PatchRecord(config, previous)
+    record = PatchRecord(config, previous, ropes=ropes, statistics=statistics)
     for module in model.modules():  # KV-sharing attention learns, per forward, which layer's slots it reads
         if getattr(module, "is_kv_shared_layer", False):
             record.hooks.append(module.register_forward_pre_hook(_name_the_source, with_kwargs=True))
     model.__dict__[_PATCH_ATTR] = record
     model.__dict__["generate"] = PatchedGenerate(model)
     return model
+
+
+def query_statistics_inputs(model: Any, config: RKVConfig) -> tuple[list[Rope | None] | None, dict | None]:
+    """For a policy that tracks queries (TriAttention): each layer's RoPE and, if a calibration file is given, its
+    statistics, both checked against the model before any work."""
+    if not make_policy(config).tracks_queries:
+        return None, None
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    kinds = layer_kinds(model)
+    head_dims = layer_shapes(text)[1]
+    ropes = model_ropes(model, head_dims, kinds)
+    if config.statistics is None:
+        return ropes, None
+    if (getattr(model, "tp_size", None) or 1) > 1:
+        raise ValueError("calibrated TriAttention statistics are per model head; under tensor parallelism use online")
+    from .calibration import load_statistics
+
+    keyed = [index for index, spec in enumerate(layer_specs(model)) if isinstance(spec, LayerSpec)]
+    expected = {index: (text.num_attention_heads, head_dims[index]) for index in keyed}
+    return ropes, load_statistics(config.statistics, model, expected)
 
 
 def _name_the_source(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -247,10 +272,12 @@ def layer_kinds(model: Any) -> list[str]:
     return kinds
 
 
-def layer_specs(model: Any) -> list[LayerSpec | SharesKV | None]:
-    """Per decoder layer, what the slot cache must know: query heads per KV head, sliding window, sinks; the layer
-    whose keys a KV-sharing layer reads; None for a layer whose state is constant-size (linear attention, Mamba,
-    convolution), which transformers' layer keeps."""
+def layer_specs(
+    model: Any, ropes: list[Rope | None] | None = None, statistics: dict | None = None
+) -> list[LayerSpec | SharesKV | None]:
+    """Per decoder layer, what the slot cache must know: query heads per KV head, sliding window, sinks (and, for
+    TriAttention, its RoPE and any calibrated statistics); the layer whose keys a KV-sharing layer reads; None for a
+    layer whose state is constant-size (linear attention, Mamba, convolution), which transformers' layer keeps."""
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     window = getattr(text, "sliding_window", None)
     if getattr(text, "use_sliding_window", True) is False:  # SmolLM3 and Qwen keep the field but switch it off
@@ -267,7 +294,10 @@ def layer_specs(model: Any) -> list[LayerSpec | SharesKV | None]:
         if index in sources:
             specs.append(SharesKV(sources[index]))
         elif kind in windows:
-            specs.append(LayerSpec(text.num_attention_heads // kv_heads[index], windows[kind], sinks))
+            group = text.num_attention_heads // kv_heads[index]
+            rope = None if ropes is None else ropes[index]
+            calibrated = None if statistics is None else statistics[index]
+            specs.append(LayerSpec(group, windows[kind], sinks, rope, calibrated))
         else:
             specs.append(None)
     return specs
@@ -350,7 +380,7 @@ def make_cache(model: Any) -> RKVCache:
     """A fresh slot cache for a patched model, for callers that run ``model(...)`` themselves or keep a
     conversation's cache across ``generate`` calls."""
     record = patch_record(model)
-    return RKVCache(record.config, layer_specs(model), record.kernels)
+    return RKVCache(record.config, layer_specs(model, record.ropes, record.statistics), record.kernels)
 
 
 def check_prompt(input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> None:

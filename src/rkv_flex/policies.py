@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
-from .scoring import importance, redundancy
+from .scoring import frequency_scores, importance, redundancy
 
 if TYPE_CHECKING:
     from .config import RKVConfig
+    from .rope import Rope
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,9 @@ class SlotState:
     attention_sum: Tensor | None = None  # [B, Hkv, S] fp32 attention each slot received (policies that track it)
     scaling: float = 1.0  # the attention's query scaling (the model's, e.g. head_dim ** -0.5)
     softcap: float | None = None  # the model's attention logit soft-cap (Gemma 2), if any
+    query_center: Tensor | None = None  # [B or 1, Hq, D] fp32 mean pre-RoPE query (policies that track queries)
+    query_magnitude: Tensor | None = None  # [B or 1, Hq, D/2] fp32 mean magnitude of each query pair
+    rope: Rope | None = None  # the layer's rotation (policies that track queries)
 
     @property
     def candidates(self) -> Tensor:
@@ -50,6 +54,7 @@ class Policy(ABC):
 
     evicts: ClassVar[bool] = True
     tracks_attention: ClassVar[bool] = False
+    tracks_queries: ClassVar[bool] = False  # the cache keeps per-head statistics of the pre-RoPE queries
     traceable: ClassVar[bool] = True
 
     @abstractmethod
@@ -128,6 +133,26 @@ class Random(Policy):
 
 
 @dataclass(frozen=True)
+class TriAttention(Policy):
+    """TriAttention (arXiv 2604.04921): each slot scored by the attention logit a head's mean pre-RoPE query would pay
+    it from future positions ``now + 1, 2, 4, ..., horizon`` (averaged), plus the part of the query's magnitude the
+    mean does not capture times the key's, per frequency pair; z-normalised per query head over the candidates and
+    maxed over the KV group. Statistics come from the cache (online, or a calibration file); docs/method.md 5.7."""
+
+    tracks_queries: ClassVar[bool] = True
+    horizon: int = 65536
+
+    def __call__(self, state: SlotState) -> Tensor:
+        if state.query_center is None or state.rope is None:
+            raise ValueError("the triattention policy needs query statistics and the layer's RoPE from the cache")
+        now = state.pos.masked_fill(~state.valid, -1).amax(dim=(1, 2)) + 1  # the next token's position, per row
+        offsets = [float(2**k) for k in range(self.horizon.bit_length()) if 2**k <= self.horizon]
+        return frequency_scores(
+            state.keys, state.candidates, state.query_center, state.query_magnitude, state.rope, now, offsets
+        )
+
+
+@dataclass(frozen=True)
 class Full(Policy):
     """No eviction: the cache grows instead, on the same code path (for comparisons)."""
 
@@ -183,4 +208,5 @@ def make_policy(config: RKVConfig) -> Policy:
         "h2o": H2O,
         "random": lambda: Random(config.seed),
         "full": Full,
+        "triattention": TriAttention,
     }[policy]()

@@ -14,6 +14,7 @@ from einops import rearrange
 from torch import Tensor
 
 from .masks import dense_slot_mask
+from .rope import Rope, split_pairs
 
 BLOCK = 256  # rows of a similarity or attention matrix computed at once
 
@@ -120,6 +121,53 @@ def received_attention(
             probs = probs * query_valid[:, None, None, rows, None]
         received += probs.sum(dim=(2, 3))
     return received
+
+
+def frequency_scores(
+    keys: Tensor,
+    candidates: Tensor,
+    center: Tensor,
+    magnitude: Tensor,
+    rope: Rope,
+    now: Tensor,
+    offsets: list[float],
+) -> Tensor:
+    """TriAttention's score [B, Hkv, S] of each post-RoPE key (docs/method.md 5.7).
+
+    Per query head ``h`` with mean pre-RoPE query pairs ``c_f`` (``center`` [B or 1, Hq, D]) and mean pair
+    magnitudes ``m_f`` (``magnitude`` [B or 1, Hq, F]), and a key whose pre-RoPE pairs are ``k_f`` at position
+    ``p``: ``mean_o sum_f Re(c_f conj(k_f) exp(i omega_f (now - p + o))) + sum_f (m_f - |c_f|) |k_f|``, the logit
+    the mean query pays the key from ``o`` positions past ``now`` [B], plus the magnitude the mean leaves out. The
+    cached key is ``a_f k_f exp(i omega_f p)``, so ``p`` cancels and no key is un-rotated: the mean over ``o`` folds
+    into one phase per pair and row, and the trigonometric term becomes a dot product of the key with one query-side
+    vector per head. z-normalised per head over ``candidates``, then the max over each KV head's query group.
+    """
+    kv_heads = keys.shape[1]
+    group = center.shape[1] // kv_heads
+    key_real, key_imag = split_pairs(keys.float(), rope.rotary)  # [B, Hkv, S, F]
+    center_real, center_imag = split_pairs(center.float(), rope.rotary)  # [B, Hq, F]
+    omega, amplitude = rope.omega.to(keys.device), rope.amplitude.to(keys.device)
+    spread = omega[:, None] * torch.tensor(offsets, device=keys.device)  # [F, O]
+    mean_real, mean_imag = torch.cos(spread).mean(-1), torch.sin(spread).mean(-1)
+    turn = now.float()[:, None] * omega  # [B, F]
+    phase_real = torch.cos(turn) * mean_real - torch.sin(turn) * mean_imag
+    phase_imag = torch.sin(turn) * mean_real + torch.cos(turn) * mean_imag
+    phase_real, phase_imag = phase_real[:, None] / amplitude, phase_imag[:, None] / amplitude  # [B, 1, F]
+    along_real = center_real * phase_real - center_imag * phase_imag
+    along_imag = center_imag * phase_real + center_real * phase_imag
+    missing = (magnitude.float() - torch.hypot(center_real, center_imag)) / amplitude  # [B, Hq, F]
+
+    def per_group(tensor: Tensor) -> Tensor:  # [B or 1, Hq, F] -> [B, Hkv, g, F]
+        return rearrange(tensor, "b (h g) f -> b h g f", g=group).expand(keys.shape[0], -1, -1, -1)
+
+    scores = torch.einsum("bhsf,bhgf->bhgs", key_real, per_group(along_real))
+    scores = scores + torch.einsum("bhsf,bhgf->bhgs", key_imag, per_group(along_imag))
+    scores = scores + torch.einsum("bhsf,bhgf->bhgs", torch.hypot(key_real, key_imag), per_group(missing))
+    weight = candidates[:, :, None, :].float()
+    count = weight.sum(-1, keepdim=True).clamp(min=1.0)
+    mean = (scores * weight).sum(-1, keepdim=True) / count
+    spread_of_scores = (((scores - mean) ** 2 * weight).sum(-1, keepdim=True) / count).sqrt().clamp(min=1e-6)
+    return ((scores - mean) / spread_of_scores).amax(dim=2)
 
 
 def select_keep(scores: Tensor, valid: Tensor, window: Tensor, keep: int) -> Tensor:
