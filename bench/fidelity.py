@@ -16,7 +16,11 @@
 
 A policy label ``NAME+adaptive`` runs the policy with head-adaptive budgets (RKVConfig.allocation="adaptive"); its
 results also record how unevenly the heads shared the budget at the end (kept slots per head / budget, min and max
-over layers, heads and rows).
+over layers, heads and rows). ``triattention`` keeps online statistics; ``triattention-calibrated`` reads statistics
+calibrated on held-out GSM8K problems and answers (not among the prompts).
+
+``--merge`` adds the given policies to an existing result file instead of writing a new one, after checking that
+this run sampled the very same trajectories (a hash of the tokens); the added rows say when they were measured.
 
     python bench/fidelity.py    # default: 8 prompts x 1024 tokens, budgets 64-512
     python bench/fidelity.py --prompts 2 --new-tokens 4096 --budgets 128 256 512 1024 --out fidelity-smollm2-4k
@@ -25,6 +29,7 @@ over layers, heads and rows).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import sys
@@ -84,9 +89,29 @@ def reference_log_probs(model, sequences, mask, prompt: int) -> torch.Tensor:
     return torch.log_softmax(logits[:, prompt - 1 : -1].float(), dim=-1).half()
 
 
-def configured(label: str, budget: int, buffer: int, **options) -> RKVConfig:
-    """The config of a policy label: a policy name, with ``+adaptive`` for head-adaptive budgets."""
+CALIBRATION = {"first": 200, "count": 120}  # GSM8K problems (questions and answers) the calibrated statistics read
+
+
+def calibration_file(model, tokenizer) -> str:
+    """TriAttention statistics of the model over held-out GSM8K problems with their worked answers."""
+    import tempfile
+
+    from rkv_flex.tools.calibrate import calibrate
+
+    problems = load_problems("gsm8k")[CALIBRATION["first"] : CALIBRATION["first"] + CALIBRATION["count"]]
+    text = "\n\n".join(f"Question: {p.question}\nAnswer: {p.answer}" for p in problems)
+    path = str(Path(tempfile.mkdtemp()) / "statistics.safetensors")
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :8192]
+    calibrate(model, ids, path)
+    return path
+
+
+def configured(label: str, budget: int, buffer: int, statistics: str | None = None, **options) -> RKVConfig:
+    """The config of a policy label: a policy name, with ``+adaptive`` for head-adaptive budgets;
+    ``triattention-calibrated`` is TriAttention with the calibration file ``statistics``."""
     policy, _, allocation = label.partition("+")
+    if policy == "triattention-calibrated":
+        policy, options = "triattention", {**options, "statistics": statistics}
     return RKVConfig(budget=budget, buffer=buffer, policy=policy, allocation=allocation or "uniform", **options)
 
 
@@ -235,6 +260,7 @@ def main(argv=None) -> int:
     parser.add_argument("--curve-budget", type=int, default=128)
     parser.add_argument("--out", default="fidelity-smollm2")
     parser.add_argument("--plot-only", action="store_true", help="redraw the table and plot from the JSON")
+    parser.add_argument("--merge", action="store_true", help="add --policies to the existing --out results")
     args = parser.parse_args(argv)
     if args.plot_only:
         result = json.loads((RESULTS / f"{args.out}.json").read_text())
@@ -253,8 +279,12 @@ def main(argv=None) -> int:
         reference = reference_log_probs(model, sequences, mask, prompt)
         lengths = inputs.attention_mask.sum(-1) + args.new_tokens
         share = {str(b): float((b / lengths.float()).mean()) for b in args.budgets}
+        tokens_hash = hashlib.sha256(sequences.numpy().tobytes()).hexdigest()
+        if args.merge:
+            return merge(model, tokenizer, args, sequences, mask, prompt, reference, sampler, tokens_hash)
         result = {
             "args": vars(args),
+            "trajectories_sha256": tokens_hash,
             "environment": environment(),
             "prompt_tokens": inputs.attention_mask.sum(-1).tolist(),
             "datasets": [p.dataset for p in problems],
@@ -267,8 +297,9 @@ def main(argv=None) -> int:
         full = RKVConfig(budget=max(args.budgets), buffer=args.buffer, policy="full")
         result["full_sanity"] = summarise(*teacher_forced(model, full, sequences, mask, prompt, reference, sampler))
         jobs = [(p, b) for p in args.policies for b in args.budgets]
+        statistics = calibration_file(model, tokenizer) if "triattention-calibrated" in args.policies else None
         for policy, budget in tqdm(jobs, desc="policies x budgets"):
-            config = configured(policy, budget, args.buffer)
+            config = configured(policy, budget, args.buffer, statistics)
             measured = teacher_forced(model, config, sequences, mask, prompt, reference, sampler)
             result["runs"][f"{policy}/{budget}"] = summarise(*measured)
         settings = [(lam, 8) for lam in args.sweep_lams] + [(0.1, window) for window in args.sweep_windows]
@@ -282,6 +313,46 @@ def main(argv=None) -> int:
     result["seconds"] = time.perf_counter() - started
     publish(args.out, result, markdown, plot)
     print(f"finished in {result['seconds'] / 60:.1f} min")
+    return 0
+
+
+def merge(model, tokenizer, args, sequences, mask, prompt, reference, sampler, tokens_hash: str) -> int:
+    """Add ``args.policies`` to the published run ``args.out``, whose trajectories must be these."""
+    from tqdm import tqdm
+
+    path = RESULTS / f"{args.out}.json"
+    result = json.loads(path.read_text())
+    known = result.get("trajectories_sha256")
+    ratios = [distinct_4gram_ratio(row.tolist()) for row in sequences[:, prompt:]]
+    if known is None and ratios == result["distinct_4gram_ratio"]:  # an older file, without the hash
+        result["trajectories_sha256"] = known = tokens_hash
+    if known != tokens_hash:
+        raise SystemExit(f"{args.out}: this run sampled other trajectories than the published one; rerun it whole")
+    statistics = calibration_file(model, tokenizer) if "triattention-calibrated" in args.policies else None
+    patch_model(model, budget=args.budgets[0], buffer=args.buffer)
+    sanity = summarise(
+        *teacher_forced(
+            model,
+            RKVConfig(budget=max(args.budgets), buffer=args.buffer, policy="full"),
+            sequences,
+            mask,
+            prompt,
+            reference,
+            sampler,
+        )
+    )
+    if sanity["first_divergence"] != result["full_sanity"]["first_divergence"]:
+        raise SystemExit(f"{args.out}: the full cache does not replay as published; rerun it whole")
+    measured_on = environment()["date"]
+    for policy in args.policies:
+        for budget in tqdm(result["args"]["budgets"], desc=policy):
+            config = configured(policy, budget, args.buffer, statistics)
+            run = summarise(*teacher_forced(model, config, sequences, mask, prompt, reference, sampler))
+            result["runs"][f"{policy}/{budget}"] = {**run, "measured": measured_on}
+        if policy not in result["args"]["policies"]:
+            result["args"]["policies"].append(policy)
+    result.setdefault("merged", []).append({"policies": args.policies, "date": measured_on})
+    publish(args.out, result, markdown, plot)
     return 0
 
 

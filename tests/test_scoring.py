@@ -137,6 +137,11 @@ def test_random_policy_is_deterministic_per_seed_and_differs_across_seeds():
     assert not torch.equal(first, other)
     assert not torch.equal(first[0, 0], first[0, 1])  # heads rank differently
     assert len(set(first[0, 0].tolist())) == 40
+    # not a linear function of the position (the old lattice): successive differences take many values
+    steps = (first[0, 0, 1:] - first[0, 0, :-1]).tolist()
+    assert len(set(steps)) > 30
+    compiled = torch.compile(Random(0), backend="inductor", fullgraph=True)(state)
+    assert torch.equal(compiled, first)
 
 
 @settings(max_examples=30, deadline=None)

@@ -183,3 +183,23 @@ def test_calibrated_statistics_are_read_checked_and_used(tmp_path):
         RKVConfig(budget=12, statistics=path)
     with pytest.raises(ValueError, match="no calibration file"):
         RKVConfig(budget=12, policy="triattention", statistics=str(tmp_path / "missing"))
+
+
+def test_calibration_reads_a_text_through_the_model_and_saves_what_online_statistics_would_hold(tmp_path):
+    from rkv_flex.tools.calibrate import calibrate
+
+    model = tiny(seed=5)
+    ids = padded_prompt(1, 40, seed=5)[0]
+    path = str(tmp_path / "calibrated.safetensors")
+    assert calibrate(model, ids, path, chunk=16) == 40
+    assert model.config._attn_implementation != "rkv_flex"  # unpatched again
+    patch_model(model, budget=64, policy="triattention")
+    cache = make_cache(model)
+    model(input_ids=ids, cache=cache)
+    online = cache.attention[1].query_moments[0]
+    patch_model(tiny(seed=5), budget=8, policy="triattention", statistics=path)  # a valid file for this model
+    from rkv_flex.calibration import load_statistics
+
+    center, magnitude = load_statistics(path, model, {1: (4, 16)})[1]
+    torch.testing.assert_close(center, online[:, :16] / 40, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(magnitude, online[:, 16:24] / 40, rtol=1e-4, atol=1e-5)

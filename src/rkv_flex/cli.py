@@ -18,7 +18,10 @@ def _add_cache_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--buffer", type=int, default=128, help="tokens decoded between compactions (default 128)")
     parser.add_argument("--window", type=int, default=8, help="newest tokens always kept (default 8)")
     parser.add_argument("--lam", type=float, default=0.1, help="R-KV importance weight in [0, 1] (default 0.1)")
-    parser.add_argument("--policy", default="rkv", help="rkv, snapkv, streaming, h2o, random or full (default rkv)")
+    parser.add_argument(
+        "--policy", default="rkv", help="rkv, snapkv, streaming, h2o, random, full or triattention (default rkv)"
+    )
+    parser.add_argument("--statistics", help="triattention: a calibration file (rkv-flex calibrate); default online")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--device", default="cpu")
 
@@ -66,6 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", help="write the results as JSON here")
     evaluate.set_defaults(run=run_eval)
 
+    calibrate = commands.add_parser("calibrate", help="TriAttention's query statistics of a model over a text file")
+    calibrate.add_argument("--model", help="local HF model directory or .gguf file (default: bundled SmolLM2-135M)")
+    calibrate.add_argument("--text", required=True, help="a plain-text file the model reads")
+    calibrate.add_argument("--out", required=True, help="the statistics file to write (safetensors)")
+    calibrate.add_argument("--max-tokens", type=int, default=32768, help="read at most this many tokens (32768)")
+    calibrate.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    calibrate.add_argument("--device", default="cpu")
+    calibrate.set_defaults(run=run_calibrate)
+
     bench = commands.add_parser("bench", help="run bench/<name>.py (throughput, fidelity, retention) from a checkout")
     bench.add_argument("name", choices=["throughput", "fidelity", "retention"])
     bench.add_argument("options", nargs=argparse.REMAINDER)
@@ -96,13 +108,38 @@ class TimedStreamer:
         self.inner.end()
 
 
+def run_calibrate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .tools.bundled import load_model
+    from .tools.calibrate import calibrate
+
+    if args.max_tokens < 1:
+        raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    text = Path(args.text)
+    if not text.is_file():
+        raise FileNotFoundError(f"--text: no file at {text}")
+    model, tokenizer = load_model(args.model, DTYPES[args.dtype], args.device)
+    ids = tokenizer(text.read_text(), return_tensors="pt").input_ids[:, : args.max_tokens].to(args.device)
+    tokens = calibrate(model, ids, args.out)
+    print(f"[rkv-flex] query statistics of {tokens} tokens written to {args.out}")
+    return 0
+
+
 def run_generate(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
     from . import Engine, RKVConfig, make_cache, patch_model
     from .tools.bundled import chat_prompt, load_model, load_problems
 
-    config = RKVConfig(budget=args.budget, buffer=args.buffer, window=args.window, lam=args.lam, policy=args.policy)
+    config = RKVConfig(
+        budget=args.budget,
+        buffer=args.buffer,
+        window=args.window,
+        lam=args.lam,
+        policy=args.policy,
+        statistics=args.statistics,
+    )
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.temperature < 0:
@@ -151,6 +188,8 @@ def run_check(args: argparse.Namespace) -> int:
 
     model, tokenizer = load_model(args.model, DTYPES[args.dtype], args.device)
     settings = dict(budget=args.budget, buffer=args.buffer, window=args.window, lam=args.lam, policy=args.policy)
+    if args.statistics is not None:
+        settings["statistics"] = args.statistics
     report = check(model, tokenizer, args.text, answer_tokens=args.answer_tokens, **settings)
     if args.json_out:
         with open(args.json_out, "w") as handle:

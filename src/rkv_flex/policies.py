@@ -121,15 +121,25 @@ class H2O(Policy):
 @dataclass(frozen=True)
 class Random(Policy):
     """Control: a fixed pseudo-random priority per (KV head, position), the same at every compaction and for any
-    row (so a request's choice does not depend on the row it decodes in)."""
+    row (so a request's choice does not depend on the row it decodes in). The priority is an integer hash of the
+    position (xor-shift and multiply, whose products stay within int64), not a linear function of it, so kept
+    positions form no lattice."""
 
     seed: int = 0
 
     def __call__(self, state: SlotState) -> Tensor:
         heads = state.pos.shape[1]
         head = torch.arange(heads, device=state.pos.device).reshape(1, heads, 1)
-        mixed = (state.pos * 2654435761 + head * 40503 + self.seed * 97) % 2147483647
-        return (mixed * 48271 % 2147483647).float()
+        return integer_hash(state.pos * 1000003 + head * 7919 + self.seed * 104729).float()
+
+
+def integer_hash(x: Tensor) -> Tensor:
+    """A 32-bit integer hash (two rounds of xor-shift and multiply) of ``x`` [int64], as 24-bit priorities."""
+    low32 = 0xFFFFFFFF
+    x = x & low32
+    for _ in range(2):
+        x = (((x >> 16) ^ x) * 0x45D9F3B) & low32
+    return ((x >> 16) ^ x) >> 8
 
 
 @dataclass(frozen=True)
