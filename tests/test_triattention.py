@@ -203,3 +203,31 @@ def test_calibration_reads_a_text_through_the_model_and_saves_what_online_statis
     center, magnitude = load_statistics(path, model, {1: (4, 16)})[1]
     torch.testing.assert_close(center, online[:, :16] / 40, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(magnitude, online[:, 16:24] / 40, rtol=1e-4, atol=1e-5)
+
+
+def test_every_supported_architecture_runs_triattention_or_is_refused_for_its_interleaved_rope():
+    """Each tiny model of the architecture tests: patched with TriAttention, a generation with compactions runs
+    within capacity; only the interleaved-RoPE families are refused, by name, when patching."""
+    import test_architectures
+    import test_families
+    import test_hybrids
+    import test_kv_sharing
+
+    makers = {t: (test_architectures.tiny, t) for t in test_architectures.TINY}
+    makers |= {t: (test_families.tiny, t) for t in test_families.FAMILIES}
+    makers |= {t: (test_hybrids.tiny, t) for t in test_hybrids.HYBRIDS}
+    makers |= {t: (test_kv_sharing.tiny, t) for t in test_kv_sharing.SHARING}
+    refused = set()
+    for model_type, (make, name) in sorted(makers.items()):
+        model = make(name, seed=0)
+        try:
+            patch_model(model, budget=10, buffer=4, window=2, policy="triattention")
+        except ValueError as error:
+            assert "is not a rotation of the pairs" in str(error)
+            refused.add(model_type)
+            continue
+        cache = make_cache(model)
+        ids = padded_prompt(1, 12, seed=0)[0]
+        model.generate(input_ids=ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, cache=cache)
+        assert cache.compactions >= 2 and max(cache.planner.used) <= 14, model_type
+    assert refused == {"glm4", "ernie4_5", "ernie4_5_moe"}

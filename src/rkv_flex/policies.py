@@ -147,7 +147,7 @@ class TriAttention(Policy):
     """TriAttention (arXiv 2604.04921): each slot scored by the attention logit a head's mean pre-RoPE query would pay
     it from future positions ``now + 1, 2, 4, ..., horizon`` (averaged), plus the part of the query's magnitude the
     mean does not capture times the key's, per frequency pair; z-normalised per query head over the candidates and
-    maxed over the KV group. Statistics come from the cache (online, or a calibration file); docs/method.md 5.7."""
+    maxed over the KV group. Statistics come from the cache (online, or a calibration file); docs/method.md 5.5."""
 
     tracks_queries: ClassVar[bool] = True
     horizon: int = 65536

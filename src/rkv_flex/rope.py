@@ -79,6 +79,10 @@ def _turn(x: Tensor, positions: Tensor, rope: Rope, sign: float) -> Tensor:
 
 
 # -- reading a model's rotation --------------------------------------------------------------------------------------
+ATTENTION = ("full_attention", "sliding_attention")
+# Models whose attention layers never rotate when they have no rotary module (Granite 4.0-H with
+# position_embedding_type other than "rope"; Nemotron-H's attention has no RoPE at all)
+WITHOUT_ROPE = ("granitemoehybrid", "nemotron_h")
 PROBE_POSITIONS = (0, 1, 2, 7, 30, 100)  # within any LongRoPE short range
 
 
@@ -88,6 +92,8 @@ def model_ropes(model: Any, head_dims: list[int], kinds: list[str]) -> list[Rope
     reason where the rotation cannot be written as frequencies per pair."""
     inner = getattr(model, "model", model)
     rotary = getattr(inner, "rotary_emb", None)
+    if rotary is None and model.config.model_type in WITHOUT_ROPE:
+        return [Rope.none(dim) if kind in ATTENTION else None for kind, dim in zip(kinds, head_dims, strict=True)]
     if rotary is None:
         raise ValueError(f"{model.config.model_type} has no rotary module (model.model.rotary_emb) to read RoPE from")
     apply = getattr(sys.modules[type(inner).__module__], "apply_rotary_pos_emb", None)
@@ -98,7 +104,7 @@ def model_ropes(model: Any, head_dims: list[int], kinds: list[str]) -> list[Rope
     ropes: list[Rope | None] = []
     found: dict[str, Rope] = {}
     for index, kind in enumerate(kinds):
-        if kind not in ("full_attention", "sliding_attention"):
+        if kind not in ATTENTION:
             ropes.append(None)
         elif not uses_rope[index]:
             ropes.append(Rope.none(head_dims[index]))
@@ -130,13 +136,15 @@ def read_rope(rotary: Any, apply: Any, head_dim: int, layer_type: str | None, mo
     with torch.no_grad():
         extra = {} if layer_type is None else {"layer_type": layer_type}
         cos, sin = rotary(probe, positions.to(_device(rotary)), **extra)
-    cos, sin = cos.float().cpu()[0], sin.float().cpu()[0]  # [P, R]
+    cos, sin = cos.float().cpu()[0], sin.float().cpu()[0]  # [P, R] (both halves) or [P, R/2] (gpt-oss)
     span = cos.shape[-1]
+    duplicated = span % 2 == 0 and torch.equal(cos[:, : span // 2], cos[:, span // 2 :])
+    pairs = span // 2 if duplicated else span
     amplitude = torch.ones(head_dim // 2)
-    amplitude[: span // 2] = torch.hypot(cos[0, : span // 2], sin[0, : span // 2])
+    amplitude[:pairs] = torch.hypot(cos[0, :pairs], sin[0, :pairs])
     omega = torch.zeros(head_dim // 2)
-    omega[: span // 2] = torch.atan2(sin[1, : span // 2], cos[1, : span // 2])
-    rope = Rope(omega, amplitude, span)
+    omega[:pairs] = torch.atan2(sin[1, :pairs], cos[1, :pairs])
+    rope = Rope(omega, amplitude, 2 * pairs)
     check_rope(rope, apply, cos, sin, positions, head_dim, model.config.model_type)
     return rope
 
@@ -146,7 +154,10 @@ def check_rope(rope: Rope, apply: Any, cos: Tensor, sin: Tensor, positions: Tens
     generator = torch.Generator().manual_seed(0)
     q = torch.randn(1, 2, positions.shape[1], head_dim, generator=generator)
     with torch.no_grad():
-        expected, _ = apply(q, q.clone(), cos[None], sin[None])
+        if list(inspect.signature(apply).parameters)[1:2] == ["cos"]:  # Gemma 3n / 4 rotate one tensor at a time
+            expected = apply(q, cos[None], sin[None], unsqueeze_dim=1)
+        else:
+            expected, _ = apply(q, q.clone(), cos[None], sin[None])
     got = rotate(q, positions, rope)
     if not torch.allclose(got, expected.float(), rtol=1e-4, atol=1e-4):
         raise ValueError(

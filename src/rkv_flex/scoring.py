@@ -132,7 +132,7 @@ def frequency_scores(
     now: Tensor,
     offsets: list[float],
 ) -> Tensor:
-    """TriAttention's score [B, Hkv, S] of each post-RoPE key (docs/method.md 5.7).
+    """TriAttention's score [B, Hkv, S] of each post-RoPE key (docs/method.md 5.5).
 
     Per query head ``h`` with mean pre-RoPE query pairs ``c_f`` (``center`` [B or 1, Hq, D]) and mean pair
     magnitudes ``m_f`` (``magnitude`` [B or 1, Hq, F]), and a key whose pre-RoPE pairs are ``k_f`` at position
