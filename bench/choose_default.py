@@ -11,6 +11,16 @@ Reads fidelity results (bench/fidelity.py) and compares:
 3. The target of issue "head-adaptive budgets": the default policy (R-KV, either allocation) against the best
    baseline (SnapKV, StreamingLLM, H2O) at every budget up to 25% of the trajectory, in every run: at least as good
    in agreement and KL.
+4. The default policy (rule written 2026-12-06, before TriAttention's fidelity results existed). Cells: every run
+   and budget up to 25% of the trajectory (14). A policy holds a cell when its top-1 agreement is at least, and its
+   mean KL at most, the best of every other policy measured in that cell (each allocation and statistics source a
+   policy of its own). Candidates: the uniform-allocation policies measured in every cell that are at least as good
+   as R-KV in both metrics in every cell (evidence that holds across temperatures, lengths and budgets). The
+   default becomes the candidate holding the most cells if it holds more than R-KV does; a tie keeps R-KV. A
+   candidate that refuses a model or budget R-KV serves (TriAttention refuses GLM-4's and ERNIE 4.5's interleaved
+   RoPE) could only become the default with R-KV as its fallback there, which is built only if the rule picks it.
+   (The dominance condition was added after a first draft without it was run on the runs without TriAttention: it
+   picked StreamingLLM, which wins on SmolLM2's looping trajectories at temperature 0.6 and loses to R-KV at 1.0.)
 
     python bench/choose_default.py      # reads the four runs named below; writes bench/results/default-policy.*
 """
@@ -84,6 +94,44 @@ def target(runs: dict[str, dict]) -> list[dict]:
     return checks
 
 
+def policy_cells(runs: dict[str, dict]) -> dict:
+    """Rule 4: per cell (run, budget <= 25%), which policies hold it; per candidate, how many cells it holds."""
+    cells = []
+    for name, run in runs.items():
+        for budget in run["args"]["budgets"]:
+            if run["budget_share"][str(budget)] > 0.25:
+                continue
+            measured = {
+                label: run["runs"][f"{label}/{budget}"]
+                for label in run["args"]["policies"]
+                if f"{label}/{budget}" in run["runs"]
+            }
+            held = []
+            for label, m in measured.items():
+                others = [o for other, o in measured.items() if other != label]
+                best_agreement = max(o["top1_agreement"] for o in others)
+                best_kl = min(o["kl_mean"] for o in others)
+                if m["top1_agreement"] >= best_agreement and m["kl_mean"] <= best_kl:
+                    held.append(label)
+            scores = {label: [m["top1_agreement"], m["kl_mean"]] for label, m in measured.items()}
+            cells.append({"run": name, "budget": budget, "held_by": held, "measured": scores})
+    measured_everywhere = set.intersection(*(set(cell["measured"]) for cell in cells))
+    labels = sorted(label for label in measured_everywhere if "+adaptive" not in label)
+    counts = {label: sum(label in cell["held_by"] for cell in cells) for label in labels}
+
+    def dominates_rkv(label: str) -> bool:
+        return all(
+            cell["measured"][label][0] >= cell["measured"]["rkv"][0]
+            and cell["measured"][label][1] <= cell["measured"]["rkv"][1]
+            for cell in cells
+        )
+
+    candidates = [label for label in labels if label == "rkv" or dominates_rkv(label)]
+    best = max(candidates, key=lambda label: (counts[label], label == "rkv"))
+    chosen = best if counts[best] > counts["rkv"] else "rkv"
+    return {"cells": cells, "held": counts, "dominate_rkv": candidates, "chosen": chosen}
+
+
 def allocations(runs: dict[str, dict]) -> list[dict]:
     """Per run, budget and policy run both ways: (agreement, KL) uniform and adaptive."""
     rows = []
@@ -144,6 +192,23 @@ def markdown(result: dict) -> str:
             f"| {row['run']} | {row['budget']} ({100 * row['share']:.0f}%) "
             f"| {best['agreement']:.3f} / {best['kl']:.3f} | " + " | ".join(cells) + " |"
         )
+    policies = result.get("policies")
+    if policies:
+        lines.append("\nRule 4, the default policy: who holds each cell (top-1 agreement / mean KL of each policy):\n")
+        labels = sorted(policies["held"])
+        lines.append("| run | budget | held by | " + " | ".join(labels) + " |\n" + "|---" * (len(labels) + 3) + "|")
+        for cell in policies["cells"]:
+            values = [
+                "-" if label not in cell["measured"] else "{:.3f} / {:.3f}".format(*cell["measured"][label])
+                for label in labels
+            ]
+            held = ", ".join(cell["held_by"]) or "none"
+            lines.append(f"| {cell['run']} | {cell['budget']} | {held} | " + " | ".join(values) + " |")
+        counts = ", ".join(f"{label} {n}" for label, n in sorted(policies["held"].items(), key=lambda kv: -kv[1]))
+        lines.append(
+            f"\nCells held of {len(policies['cells'])}: {counts}. At least as good as R-KV in every cell: "
+            f"{', '.join(policies['dominate_rkv'])}. Chosen default: {policies['chosen']}."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -180,6 +245,7 @@ def main(argv=None) -> int:
     runs = {name: json.loads((RESULTS / f"{name}.json").read_text()) for name in args.runs}
     result = {"runs": list(runs), "settings": compare_settings(runs), "target": target(runs)}
     result["allocations"] = allocations(runs)
+    result["policies"] = policy_cells(runs)
     publish(args.out, result, markdown, plot)
     return 0
 
