@@ -63,6 +63,7 @@ class SharedState:
     scaling: float | None = None  # the model's query scaling, learnt from the first attention call
     padded: bool = False  # some forward carried padding: the used slots may not all be valid
     first_attention: int = 0  # the model layer whose update starts a forward (the first attention layer)
+    fed_on_device: bool = False  # which rows a step feeds is decided on the device (the engine's finished rows)
     kernels: KernelChecks = field(default_factory=KernelChecks)  # compiled flex kernels, checked per shape
 
 
@@ -191,8 +192,25 @@ class RKVLayer(CacheLayerMixin):
             return key_states, value_states
         slots = self.view
         counters = self.counters
-        slots.append_rows(key_states, value_states, positions, slots.step_slot(counters), counters.fed)
+        slot = self._host_slot()
+        if slot is not None:  # every row fed, in lockstep: one slot, written as a static cache writes
+            slots.append(key_states, value_states, positions, None, slot)
+        else:
+            slots.append_rows(key_states, value_states, positions, slots.step_slot(counters), counters.fed)
         return slots.keys, slots.values
+
+    def _host_slot(self) -> int | None:
+        """An eager decoding step that feeds every row of the cache in lockstep (``model.generate``): the one slot
+        all rows write, known on the host, so no per-row masked write is needed. None otherwise (traced steps,
+        continuous batching)."""
+        plan = self.shared.plan
+        if torch.compiler.is_compiling() or plan is None or self.shared.rows != slice(None):
+            return None
+        if self.shared.fed_on_device:
+            return None
+        if len(plan.rows) != self.shared.counters.used.shape[0] or not plan.in_lockstep or plan.length != 1:
+            return None
+        return self.slots.host_step_slot(plan)
 
     def _check(self, key_states: Tensor) -> None:
         expected = (self.view.keys.shape[0], self.dtype, self.device)
@@ -208,7 +226,10 @@ class RKVLayer(CacheLayerMixin):
         """A decoding step's queries [B, Hq, 1, D]: keep them in the ring, accumulate attention if tracked."""
         self._learn_scaling(scaling)
         slots, counters = self.view, self.counters
-        slots.record_queries(query, (counters.seen - 1) % self.config.window, counters.fed)
+        if self._host_slot() is not None:  # every row fed in lockstep: a plain copy into the ring
+            slots.record_queries(query, self.shared.plan.seen_before[0] % self.config.window)
+        else:
+            slots.record_queries(query, (counters.seen - 1) % self.config.window, counters.fed)
         self.observe_queries(query, positions, counters.fed[:, None])
         if slots.attention_sum is not None:
             received = received_attention(

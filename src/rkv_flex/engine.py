@@ -214,11 +214,13 @@ class Engine:
         if not self._lock.acquire(blocking=False):
             raise RuntimeError("this engine is already generating in another thread; use one engine per thread")
         try:
+            self.cache.shared.fed_on_device = True  # the steps' finished rows are known on the device only
             variants = {request.sampling.variant for request in requests}
             yield from self._run(deque(enumerate(requests)), variants, continue_rows)
         finally:
             self._rows = [None] * self.batch_size
             self.cache.cancel_plan()
+            self.cache.shared.fed_on_device = False
             if self.cache.shared.counters is not None:  # other drivers of this cache feed every row
                 self.cache.shared.counters.fed.fill_(True)
             self._lock.release()

@@ -206,6 +206,11 @@ class SlotStorage(ABC):
         """[B]: where a decoding step writes each row's token (after the counters advanced)."""
         return counters.used - 1
 
+    def host_step_slot(self, plan: Plan) -> int | None:
+        """Where a decoding step of rows in lockstep writes every row's token, as the host knows it (None: the
+        layout has no one slot for all rows)."""
+        return plan.used_before[0] if self.uniform else None
+
     def commit_span(self, policy: Policy, config: RKVConfig, staged: SlotState, plan: Plan) -> None:
         """After a span's attention over ``staged`` (the heads' slots then the new tokens): append the new tokens,
         or, when the plan staged them because they overflow the slots, keep ``budget`` of everything."""
@@ -500,6 +505,9 @@ class RingSlots(LayerSlots):
 
     def step_slot(self, counters: RowCounters) -> Tensor:
         return (counters.seen - 1) % self.ring
+
+    def host_step_slot(self, plan: Plan) -> int | None:
+        return plan.seen_before[0] % self.ring
 
     def commit_span(self, policy: Policy, config: RKVConfig, staged: SlotState, plan: Plan) -> None:
         """The span's newest ``min(length, window)`` tokens go to their ring slots (padding as invalid slots)."""
