@@ -26,6 +26,36 @@ VOCAB = 256
 HEAD_DIM = 16
 
 
+def tiny_of_type(model_type: str, fields: dict, seed: int):
+    """A random model of any transformers type from its config fields, stock sdpa, greedy without an end."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, **fields)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.set_attn_implementation("sdpa")
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def assert_engine_equals_alone(model, prompt_lengths=(5, 23, 11, 30), new_tokens=(20, 9, 26, 14), seed: int = 3):
+    """Random prompts (some beyond the slots) through an engine of two rows, refilled as requests finish: each
+    request's tokens equal the prompt generated alone."""
+    import random
+
+    from rkv_flex import Engine, generate
+
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(3, 256) for _ in range(length)] for length in prompt_lengths]
+    alone = [
+        generate(model, torch.tensor([p]), max_new_tokens=n, eos_token_id=[])[0, len(p) :].tolist()
+        for p, n in zip(prompts, new_tokens, strict=True)
+    ]
+    with Engine(model, batch_size=2) as engine:
+        assert engine.generate(prompts, max_new_tokens=list(new_tokens), eos_token_id=[]) == alone
+
+
 def tiny_model(arch: str = "llama", heads: int = 4, kv_heads: int = 2, layers: int = 2, seed: int = 0, **extra):
     """A random-initialised model with stock sdpa attention; weights scaled up so greedy choices are not ties."""
     config_class, model_class = ARCHITECTURES[arch]

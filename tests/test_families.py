@@ -6,17 +6,15 @@ it are the same as for the 17 architectures in test_architectures.py and are tes
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 import torch._dynamo
-from conftest import greedy, padded_prompt
+from conftest import assert_engine_equals_alone, greedy, padded_prompt, tiny_of_type
 from test_architectures import BASE as ARCHITECTURE_BASE
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig
 
 import rkv_flex.compiled
-from rkv_flex import Engine, generate, make_cache, patch_model
+from rkv_flex import generate, make_cache, patch_model
 
 BASE = ARCHITECTURE_BASE
 FAMILIES = {  # model type -> what its tiny config sets beyond BASE (experts, q/k norms)
@@ -48,13 +46,7 @@ def traced_on_the_eager_backend(monkeypatch):
 
 
 def tiny(model_type: str, seed: int):
-    config = AutoConfig.for_model(model_type, **{**BASE, **FAMILIES[model_type]})
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    model.set_attn_implementation("sdpa")
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
+    return tiny_of_type(model_type, {**BASE, **FAMILIES[model_type]}, seed)
 
 
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
@@ -87,15 +79,7 @@ def test_with_eviction_the_compiled_loop_equals_the_eager_path_and_the_engine_ea
         assert layer.slots.keys.shape[2] == 18
         assert int(layer.slots.valid.sum(dim=-1).max()) <= 18
 
-    rng = random.Random(3)
-    prompts = [[rng.randrange(3, 256) for _ in range(length)] for length in (5, 23, 11, 30)]  # some beyond the slots
-    lengths = [20, 9, 26, 14]
-    alone = [
-        generate(model, torch.tensor([p]), max_new_tokens=n, eos_token_id=[])[0, len(p) :].tolist()
-        for p, n in zip(prompts, lengths, strict=True)
-    ]
-    with Engine(model, batch_size=2) as engine:  # two rows: four requests refill them
-        assert engine.generate(prompts, max_new_tokens=lengths, eos_token_id=[]) == alone
+    assert_engine_equals_alone(model)
 
 
 def test_the_multimodal_exaone_4_5_is_refused_with_its_text_decoder_named():

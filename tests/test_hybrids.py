@@ -6,15 +6,14 @@ with inductor; the others trace on dynamo's eager backend, since what differs be
 
 from __future__ import annotations
 
-import random
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch._dynamo
-from conftest import greedy, padded_prompt
+from conftest import assert_engine_equals_alone, greedy, padded_prompt, tiny_of_type
 from test_architectures import BASE as ARCHITECTURE_BASE
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig
 
 import rkv_flex.compiled
 from rkv_flex import Engine, generate, make_cache, patch_model
@@ -62,13 +61,7 @@ NEW = 20
 
 
 def tiny(model_type: str, seed: int):
-    config = AutoConfig.for_model(model_type, **{**BASE, **HYBRIDS[model_type]})
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    model.set_attn_implementation("sdpa")
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
+    return tiny_of_type(model_type, {**BASE, **HYBRIDS[model_type]}, seed)
 
 
 @pytest.mark.parametrize("model_type", sorted(HYBRIDS))
@@ -101,15 +94,7 @@ def test_with_eviction_compiled_equals_eager_and_engine_rows_equal_each_request_
     assert cache.compactions >= 2
     assert torch.equal(generate(model, ids, mask, max_new_tokens=24, eos_token_id=[]), eager)
 
-    rng = random.Random(3)
-    prompts = [[rng.randrange(3, 256) for _ in range(length)] for length in (5, 23, 11, 30)]
-    lengths = [20, 9, 26, 14]
-    alone = [
-        generate(model, torch.tensor([p]), max_new_tokens=n, eos_token_id=[])[0, len(p) :].tolist()
-        for p, n in zip(prompts, lengths, strict=True)
-    ]
-    with Engine(model, batch_size=2) as engine:  # rows refilled while the other decodes: states reset per row
-        assert engine.generate(prompts, max_new_tokens=lengths, eos_token_id=[]) == alone
+    assert_engine_equals_alone(model)
 
 
 @pytest.mark.parametrize(

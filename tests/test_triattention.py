@@ -5,19 +5,16 @@ alone, head-adaptive budgets)."""
 
 from __future__ import annotations
 
-import random
-
 import naive
 import pytest
 import torch
-from conftest import padded_prompt
+from conftest import assert_engine_equals_alone, padded_prompt, tiny_of_type
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_architectures import BASE
-from transformers import AutoConfig, AutoModelForCausalLM
 
 import rkv_flex.compiled
-from rkv_flex import Engine, RKVConfig, generate, make_cache, patch_model
+from rkv_flex import RKVConfig, generate, make_cache, patch_model
 from rkv_flex.calibration import save_statistics
 from rkv_flex.rope import Rope, invert, model_ropes, rotate
 from rkv_flex.scoring import frequency_scores
@@ -84,12 +81,7 @@ ROPES = {  # name -> the config fields that choose it (a tiny Llama; partial rot
 
 
 def tiny(model_type: str = "llama", seed: int = 0, **fields):
-    config = AutoConfig.for_model(model_type, **{**BASE, **fields})
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
+    return tiny_of_type(model_type, {**BASE, **fields}, seed)
 
 
 @pytest.mark.parametrize("name", sorted(ROPES))
@@ -151,15 +143,7 @@ def test_with_eviction_compiled_equals_eager_and_the_engine_equals_each_request_
     )
     assert cache.compactions >= 2
     assert torch.equal(generate(model, ids, mask, max_new_tokens=24, eos_token_id=[]), eager)
-    rng = random.Random(3)
-    prompts = [[rng.randrange(3, 256) for _ in range(length)] for length in (5, 23, 11)]
-    lengths = [20, 9, 16]
-    alone = [
-        generate(model, torch.tensor([p]), max_new_tokens=n, eos_token_id=[])[0, len(p) :].tolist()
-        for p, n in zip(prompts, lengths, strict=True)
-    ]
-    with Engine(model, batch_size=2) as engine:  # a refilled row starts its statistics from zero
-        assert engine.generate(prompts, max_new_tokens=lengths, eos_token_id=[]) == alone
+    assert_engine_equals_alone(model, (5, 23, 11), (20, 9, 16))
 
 
 def test_calibrated_statistics_are_read_checked_and_used(tmp_path):
