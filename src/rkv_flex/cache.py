@@ -64,6 +64,7 @@ class SharedState:
     padded: bool = False  # some forward carried padding: the used slots may not all be valid
     first_attention: int = 0  # the model layer whose update starts a forward (the first attention layer)
     fed_on_device: bool = False  # which rows a step feeds is decided on the device (the engine's finished rows)
+    lockstep_step: bool = False  # this eager forward is a decoding step feeding every row, rows in lockstep
     kernels: KernelChecks = field(default_factory=KernelChecks)  # compiled flex kernels, checked per shape
 
 
@@ -84,6 +85,8 @@ class RKVLayer(CacheLayerMixin):
         self.softcap: float | None = None  # the model's score changes, learnt from its attention calls
         self.sinks: Tensor | None = None
         self.query_moments: Tensor | None = None  # [B, Hq, D + D/2 + 1]: sums of pre-RoPE queries, |pairs|, count
+        self.rope: Rope | None = None  # the spec's rotation and calibrated statistics, on the layer's device
+        self.statistics: tuple[Tensor, Tensor] | None = None
         self.has_readers = False  # later layers attend these slots (KV sharing)
         self.last_span: StagedSpan | None = None  # what the last span attended, kept for the readers
 
@@ -102,7 +105,10 @@ class RKVLayer(CacheLayerMixin):
         if self.policy.tracks_queries:
             if self.spec.rope is None:
                 raise ValueError(f"{self.policy!r} needs each layer's RoPE: build the cache with make_cache(model)")
-            if self.spec.statistics is None:
+            self.rope = self.spec.rope.to(self.device)
+            if self.spec.statistics is not None:
+                self.statistics = tuple(t.to(self.device) for t in self.spec.statistics)
+            else:
                 heads, dim = key_states.shape[1] * self.spec.query_group, key_states.shape[-1]
                 moments = torch.zeros(batch, heads, dim + dim // 2 + 1, dtype=torch.float32, device=self.device)
                 self.query_moments = static(moments)
@@ -144,9 +150,8 @@ class RKVLayer(CacheLayerMixin):
         row not fed), to the running statistics (online TriAttention)."""
         if self.query_moments is None:
             return
-        rope = self.spec.rope.to(query.device)
-        unrotated = invert(query, positions, rope)  # [B, Hq, L, D] fp32
-        real, imag = split_pairs(unrotated, rope.rotary)
+        unrotated = invert(query, positions, self.rope)  # [B, Hq, L, D] fp32
+        real, imag = split_pairs(unrotated, self.rope.rotary)
         weight = weight.float()[:, None, :, None]
         moments = torch.cat([unrotated, torch.hypot(real, imag), torch.ones_like(real[..., :1])], dim=-1)
         self.moments.add_((moments * weight).sum(dim=2))
@@ -155,15 +160,14 @@ class RKVLayer(CacheLayerMixin):
         """``state`` with the query statistics and RoPE that policies tracking queries score with."""
         if not self.policy.tracks_queries:
             return state
-        rope, batch = self.spec.rope.to(state.keys.device), state.keys.shape[0]
-        if self.spec.statistics is not None:
-            center, magnitude = (t.to(state.keys.device)[None].expand(batch, -1, -1) for t in self.spec.statistics)
+        if self.statistics is not None:
+            center, magnitude = (t[None].expand(state.keys.shape[0], -1, -1) for t in self.statistics)
         else:
             moments = self.moments
             dim = state.keys.shape[-1]
             mean = moments[..., :-1] / moments[..., -1:].clamp(min=1.0)
             center, magnitude = mean[..., :dim].clone(), mean[..., dim:].clone()  # no aliasing into compiled regions
-        return replace(state, query_center=center, query_magnitude=magnitude, rope=rope)
+        return replace(state, query_center=center, query_magnitude=magnitude, rope=self.rope)
 
     @property
     def scaling(self) -> float:
@@ -203,14 +207,9 @@ class RKVLayer(CacheLayerMixin):
         """An eager decoding step that feeds every row of the cache in lockstep (``model.generate``): the one slot
         all rows write, known on the host, so no per-row masked write is needed. None otherwise (traced steps,
         continuous batching)."""
-        plan = self.shared.plan
-        if torch.compiler.is_compiling() or plan is None or self.shared.rows != slice(None):
+        if torch.compiler.is_compiling() or not self.shared.lockstep_step:
             return None
-        if self.shared.fed_on_device:
-            return None
-        if len(plan.rows) != self.shared.counters.used.shape[0] or not plan.in_lockstep or plan.length != 1:
-            return None
-        return self.slots.host_step_slot(plan)
+        return self.slots.host_step_slot(self.shared.plan)
 
     def _check(self, key_states: Tensor) -> None:
         expected = (self.view.keys.shape[0], self.dtype, self.device)
@@ -476,6 +475,7 @@ class RKVCache(Cache):
                 built.append(RKVLayer(config, self.policy, spec, self.shared, index))
         super().__init__(layers=built)
         self.attention: list[RKVLayer] = [layer for layer in self.layers if isinstance(layer, RKVLayer)]
+        self.sources: list[RKVLayer] = [layer for layer in self.attention if layer.has_readers]  # KV sharing
         self.states: list[StateLayer] = [layer for layer in self.layers if isinstance(layer, StateLayer)]
         self.planner: Planner | None = None
         self.compactor = compact_layers
@@ -523,12 +523,20 @@ class RKVCache(Cache):
         if self.shared.rows == slice(None) and len(plan.rows) != self.planner.batch and length > 1:
             raise RuntimeError("a span planned for some rows must feed them alone (cache.feeding(rows))")
         self.shared.plan = plan
+        shared = self.shared
+        shared.lockstep_step = (
+            length == 1
+            and shared.rows == slice(None)
+            and not shared.fed_on_device
+            and len(plan.rows) == self.planner.batch
+            and plan.in_lockstep
+        )
         self._forget_spans()
         return plan
 
     def _forget_spans(self) -> None:
         """A new forward: the readers of the last span are done with it (free its staged slots)."""
-        for layer in self.attention:
+        for layer in self.sources:
             layer.last_span = None
 
     def _set_counters(self, plan: Plan) -> None:
