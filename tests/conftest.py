@@ -39,6 +39,18 @@ def tiny_of_type(model_type: str, fields: dict, seed: int):
     return model
 
 
+def assert_compiled_equals_eager(model, ids, mask, new_tokens: int = 24):
+    """The patched model's own (eager) generate and the compiled loop give the same tokens; returns the eager run's
+    cache for the caller's checks on it."""
+    from rkv_flex import generate, make_cache
+
+    cache = make_cache(model)
+    options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, cache=cache)
+    eager = model.generate(input_ids=ids, attention_mask=mask, **options)
+    assert torch.equal(generate(model, ids, mask, max_new_tokens=new_tokens, eos_token_id=[]), eager)
+    return cache
+
+
 def assert_engine_equals_alone(model, prompt_lengths=(5, 23, 11, 30), new_tokens=(20, 9, 26, 14), seed: int = 3):
     """Random prompts (some beyond the slots) through an engine of two rows, refilled as requests finish: each
     request's tokens equal the prompt generated alone."""

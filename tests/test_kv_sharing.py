@@ -10,13 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch._dynamo
-from conftest import assert_engine_equals_alone, greedy, padded_prompt, tiny_of_type
+from conftest import assert_compiled_equals_eager, assert_engine_equals_alone, greedy, padded_prompt, tiny_of_type
 from test_architectures import BASE as ARCHITECTURE_BASE
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import rkv_flex.attention
 import rkv_flex.compiled
-from rkv_flex import generate, make_cache, patch_model, unpatch_model
+from rkv_flex import make_cache, patch_model, unpatch_model
 from rkv_flex.cache import RKVLayer, SharedKVLayer
 
 WINDOW = 8
@@ -115,13 +115,9 @@ def test_with_eviction_compiled_equals_eager_and_engine_rows_equal_each_request_
         monkeypatch.setattr(rkv_flex.compiled, "BACKEND", "eager")
     model = patch_model(tiny(model_type, seed=2), budget=12, buffer=6, window=4)
     ids, mask = padded_prompt(1, 9, seed=2)  # (left padding takes slots in model.generate, not in the engine)
-    cache = make_cache(model)
-    eager = model.generate(
-        input_ids=ids, attention_mask=mask, max_new_tokens=24, min_new_tokens=24, do_sample=False, cache=cache
-    )
+    cache = assert_compiled_equals_eager(model, ids, mask)
     assert cache.compactions >= 2
     assert max(cache.planner.used) <= 18
-    assert torch.equal(generate(model, ids, mask, max_new_tokens=24, eos_token_id=[]), eager)
 
     assert_engine_equals_alone(model)
 
@@ -151,9 +147,5 @@ def test_head_adaptive_budgets_on_gemma4_compiled_equal_eager(monkeypatch):
     monkeypatch.setattr(rkv_flex.compiled, "BACKEND", "eager")
     model = patch_model(tiny("gemma4_text", seed=6), budget=12, buffer=6, window=4, allocation="adaptive")
     ids, mask = padded_prompt(1, 9, seed=6)
-    cache = make_cache(model)
-    eager = model.generate(
-        input_ids=ids, attention_mask=mask, max_new_tokens=24, min_new_tokens=24, do_sample=False, cache=cache
-    )
+    cache = assert_compiled_equals_eager(model, ids, mask)
     assert cache.compactions >= 2 and not cache.attention[1].slots.uniform
-    assert torch.equal(generate(model, ids, mask, max_new_tokens=24, eos_token_id=[]), eager)
