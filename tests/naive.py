@@ -142,3 +142,33 @@ def triattention(keys, pos, candidates, center, magnitude, omega, amplitude, rot
                 for s in range(slots):
                     out[b, h, s] = max(out[b, h, s], (scores[s] - mean) / std)
     return out
+
+
+def latent_importance(queries, query_valid, latents, rope_keys, key_up, candidates, kernel, scaling):
+    """R-KV importance of an MLA layer the way the stock model computes its logits: each head's key expanded from the
+    latent, [W_uk_h c_j, r_j], against the head's whole query [q_nope, q_rope]; the max over heads (one latent head
+    serves them all) then softmax, window mean and max-pool as for any KV head. queries [B, H, W, nope + rope],
+    latents [B, 1, S, rank], rope_keys [B, 1, S, rope], key_up [H, nope, rank]."""
+    batch, heads, window, _ = queries.shape
+    slots = latents.shape[2]
+    out = torch.zeros(batch, 1, slots, dtype=torch.float64)
+    for b in range(batch):
+        cand = [j for j in range(slots) if candidates[b, 0, j]]
+        rows = [t for t in range(window) if query_valid[b, t]]
+        mean = [0.0] * slots
+        for t in rows:
+            logits = {}
+            for j in cand:
+                per_head = []
+                for h in range(heads):
+                    key = torch.cat([key_up[h].double() @ latents[b, 0, j].double(), rope_keys[b, 0, j].double()])
+                    per_head.append(float(queries[b, h, t].double() @ key) * scaling)
+                logits[j] = max(per_head)
+            top = max(logits.values()) if logits else 0.0
+            norm = sum(math.exp(v - top) for v in logits.values())
+            for j, v in logits.items():
+                mean[j] += math.exp(v - top) / norm / len(rows)
+        for j in range(slots):
+            lo, hi = max(0, j - kernel // 2), min(slots, j + kernel // 2 + 1)
+            out[b, 0, j] = max(mean[lo:hi])
+    return out

@@ -177,25 +177,7 @@ def test_soft_capping_and_sinks_are_applied(model_type, remove):
     assert (without_feature - with_feature).abs().max() > 1e-2
 
 
-def test_latent_attention_and_bidirectional_gemma_are_refused():
-    config = AutoConfig.for_model(
-        "deepseek_v3",
-        **{**BASE, "num_key_value_heads": 4, "head_dim": 8},
-        kv_lora_rank=32,
-        q_lora_rank=None,
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=16,
-        v_head_dim=16,
-        n_routed_experts=4,
-        num_experts_per_tok=2,
-        n_group=1,
-        topk_group=1,
-        first_k_dense_replace=1,
-        moe_intermediate_size=32,
-        n_shared_experts=1,
-    )
-    with pytest.raises(ValueError, match=r"deepseek_v3.*latent attention caches compressed latents"):
-        patch_model(AutoModelForCausalLM.from_config(config), budget=16)
+def test_bidirectional_gemma_is_refused():  # latent attention is served: test_latent.py
     with pytest.raises(ValueError, match="use_bidirectional_attention=True attends to later tokens"):
         patch_model(tiny("gemma3_text", use_bidirectional_attention=True), budget=16)
 

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .cache import RKVLayer, StagedSpan
 from .kernels import flex_step, masked_sdpa, sdpa_step, span_length
+from .latent import absorb_query, expand_output, is_latent
 
 ATTENTION_NAME = "rkv_flex"
 
@@ -71,13 +72,25 @@ def rkv_attention(
     if dropout:
         raise NotImplementedError("rkv_flex attention is for inference: attention dropout must be 0 (model.eval())")
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    padding = None if attention_mask is None else attention_mask.flatten(1)
+    latent = is_latent(module)  # MLA: latent queries over latent slots, the output up-projected after (latent.py)
+    if latent:
+        query = absorb_query(module, query)
+    out = attend(module, query, key, value, attention_mask, scale, kwargs)
+    if latent:
+        out = expand_output(module, out)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def attend(
+    module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale: float, kwargs: dict
+) -> Tensor:
+    """[B, Hq, L, Dv]: the queries over the cache layer's slots (or, without a cache, over this forward's tokens)."""
+    padding = None if mask is None else mask.flatten(1)
     layer: RKVLayer | None = kwargs.get("rkv_layer")
     source: RKVLayer | None = kwargs.get("rkv_source")
     if layer is None and source is None:
         shares_kv = getattr(module, "is_kv_shared_layer", False)
-        out = cache_free_attention(query, key, value, padding, kwargs.get("position_ids"), scale, kwargs, shares_kv)
-        return out.transpose(1, 2).contiguous(), None
+        return cache_free_attention(query, key, value, padding, kwargs.get("position_ids"), scale, kwargs, shares_kv)
     reader = layer is None
     layer = source if reader else layer
     window = layer.sliding_window
@@ -92,17 +105,13 @@ def rkv_attention(
         batch, length = query.shape[0], query.shape[2]
         positions = positions[:, -length:].expand(batch, length)  # Gemma 4 may read only the last queries
         if layer.last_span is None:
-            out = decode_attention(layer, query, key, value, positions, scale, changes)
-        else:
-            out = attend_staged(layer, layer.last_span, query, positions, scale, changes)
-        return out.transpose(1, 2).contiguous(), None
+            return decode_attention(layer, query, key, value, positions, scale, changes)
+        return attend_staged(layer, layer.last_span, query, positions, scale, changes)
     layer.learn_score_changes(**changes)
     if layer.incoming is None:  # one new token per row, already in the slots
         layer.observe_step(query, positions, scale)
-        out = decode_attention(layer, query, key, value, positions, scale, changes)
-    else:
-        out = span_attention(layer, query, padding, positions, scale, changes)
-    return out.transpose(1, 2).contiguous(), None
+        return decode_attention(layer, query, key, value, positions, scale, changes)
+    return span_attention(layer, query, padding, positions, scale, changes)
 
 
 def decode_attention(
@@ -115,7 +124,17 @@ def decode_attention(
         return masked_sdpa(query, view.keys, view.values, view.valid, view.pos, positions, scale, window, **changes)
     if torch.compiler.is_compiling() and layer.flex_decoding:  # eager flex is slow: SDPA is as fast eagerly
         rule = (slots.valid, slots.pos, positions, scale, window)
-        return flex_step(query, key, value, *rule, **changes, sink_slot=layer.sink_slot, segments=slots.segments)
+        value, latent = (None, layer.spec.latent) if layer.spec.latent is not None else (value, None)
+        return flex_step(
+            query,
+            key,
+            value,
+            *rule,
+            **changes,
+            sink_slot=layer.sink_slot,
+            segments=slots.segments,
+            value_channels=latent,
+        )
     prefix = None if torch.compiler.is_compiling() else layer.dense_prefix()  # what the host knows
     return sdpa_step(query, key, value, slots.allowed(), slots.pos, positions, scale, window, **changes, prefix=prefix)
 

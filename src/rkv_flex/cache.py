@@ -43,6 +43,7 @@ class LayerSpec:
     sinks: bool = False  # learned attention sinks: one more slot, never holding a token, carries them
     rope: Rope | None = None  # the layer's rotation (TriAttention's score needs it)
     statistics: tuple[Tensor, Tensor] | None = None  # calibrated query centre [Hq, D] and magnitudes [Hq, D/2]
+    latent: int | None = None  # MLA: the latent's channels; the key is [latent, rope key], the value the latent
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,15 @@ class RKVLayer(CacheLayerMixin):
         window = self.spec.sliding_window
         ring = window if window is not None and window <= self.config.capacity else None
         self.slots = allocate_slots(
-            config, self.spec.query_group, self.spec.sinks, batch, key_states, value_states, tracks, ring
+            config,
+            self.spec.query_group,
+            self.spec.sinks,
+            batch,
+            key_states,
+            value_states,
+            tracks,
+            ring,
+            values_in_keys=self.spec.latent is not None,
         )
         if self.policy.tracks_queries:
             if self.spec.rope is None:
@@ -179,6 +188,8 @@ class RKVLayer(CacheLayerMixin):
         """A decoding step's tokens go into the slots, which attention then reads; a span's tokens are held for
         attention to stage (it knows their padding). ``kwargs`` is the dict the model also hands to the attention
         function: the layer puts itself there, so attention reads the slot state without globals."""
+        if self.spec.latent is not None:  # MLA hands over (latent, rope key): store [latent, rope key] once
+            key_states, value_states = torch.cat([key_states, value_states], dim=-1), key_states
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         batch, _, length, _ = key_states.shape

@@ -69,7 +69,7 @@ Segments = tuple[Tensor, Tensor, int]
 def flex_decode(
     query: Tensor,
     key: Tensor,
-    value: Tensor,
+    value: Tensor | None,
     valid: Tensor,
     pos: Tensor,
     query_pos: Tensor,
@@ -79,10 +79,14 @@ def flex_decode(
     sinks: Tensor | None = None,
     sink_slot: int | None = None,
     segments: Segments | None = None,
+    value_channels: int | None = None,
 ) -> Tensor:
     """Flex decoding of one query per row [B, Hq, 1, D] over a layer's slots: [B, Hkv, S, D] (uniform), or a pool
     [B, 1, P, D] shared by the KV heads with ``segments`` (head-adaptive budgets, pool.py), where each query head
-    sees, and visits the blocks of, only its KV head's segment."""
+    sees, and visits the blocks of, only its KV head's segment. ``value`` None: the values are the keys' first
+    ``value_channels`` (an MLA latent; a region shared by layers takes no aliasing inputs, so the view is made here)."""
+    if value is None:
+        value = key[..., :value_channels]
     if segments is None:
         return flex_span(query, key, value, valid, pos, query_pos, scale, sliding_window, softcap, sinks, sink_slot)
     start, kept, room = segments

@@ -9,6 +9,7 @@ removes all of it, with every cache the model held.
 from __future__ import annotations
 
 import threading
+import types
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ from .compiled import GraphStore
 from .config import RKVConfig
 from .forward import feed, padded_columns, prompt_pieces
 from .kernel_checks import KernelChecks
+from .latent import is_latent, latent_config, latent_inputs
 from .policies import make_policy
 from .rope import Rope, model_ropes
 
@@ -40,6 +42,7 @@ class Architecture:
     moe: bool = False  # mixture-of-experts feed-forward: nothing for the cache to do
     states: bool = False  # hybrid: some layers keep a constant-size state (linear attention, Mamba, convolution)
     shares_kv: bool = False  # later layers attend an earlier layer's keys and values: they read its kept set
+    latent: bool = False  # multi-head latent attention: one latent head, queries absorbed (latent.py)
 
 
 ARCHITECTURES = {
@@ -80,11 +83,17 @@ ARCHITECTURES = {
     "lfm2": Architecture(states=True),
     "nemotron_h": Architecture(states=True, moe=True),
     "granitemoehybrid": Architecture(states=True, moe=True),
+    "deepseek_v2": Architecture(latent=True, moe=True),
+    "deepseek_v3": Architecture(latent=True, moe=True),
+    "glm4_moe_lite": Architecture(latent=True, moe=True),
+    "kimi_linear": Architecture(states=True, latent=True, moe=True),
 }
 SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
 REFUSED = {
-    "deepseek_v2": "its multi-head latent attention caches compressed latents, not per-head keys and values",
-    "deepseek_v3": "its multi-head latent attention caches compressed latents, not per-head keys and values",
+    "deepseek_v32": "its sparse-attention indexer caches keys of its own for every token and picks the tokens each "
+    "query reads from them; evicting latents without those keys (or both consistently) is not built",
+    "glm_moe_dsa": "its sparse-attention indexer (DeepSeek-V3.2's) caches keys of its own for every token and picks "
+    "the tokens each query reads from them; evicting latents without those keys (or both consistently) is not built",
     "gemma3": "this is the multimodal Gemma 3; load its text model, Gemma3ForCausalLM (model type gemma3_text)",
     "minimax": "MiniMax-Text-01 keeps its lightning-attention state in a cache class of its own (MiniMaxCache), "
     "which the model requires",
@@ -112,6 +121,7 @@ class PatchRecord:
     kernels: KernelChecks | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     hooks: list[Any] = field(default_factory=list)  # KV-sharing layers' hooks (handles to remove)
+    latent_modules: list[Any] = field(default_factory=list)  # MLA attention given latent_inputs as expand_kv
     ropes: list[Rope | None] | None = None  # each layer's rotation, for policies that track queries
     statistics: dict[int, tuple] | None = None  # calibrated query statistics per layer (RKVConfig.statistics)
 
@@ -123,6 +133,9 @@ class PatchRecord:
         for hook in self.hooks:
             hook.remove()
         self.hooks.clear()
+        for module in self.latent_modules:
+            del module.expand_kv  # the class's own again
+        self.latent_modules.clear()
         for engine in self.engines.values():
             engine.close()
         self.engines.clear()
@@ -199,6 +212,12 @@ def patch_model(model: Any, config: RKVConfig | None = None, /, **options: Any) 
     elif not isinstance(config, RKVConfig):
         raise TypeError(f"config must be an RKVConfig, got {type(config).__name__}")
     _check_model(model)
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if latent_config(text) is not None and config.allocation == "adaptive":
+        raise ValueError(
+            "allocation='adaptive' moves budget between KV heads; a latent (MLA) layer has one, which every query "
+            "head reads (use allocation='uniform')"
+        )
     ropes, statistics = query_statistics_inputs(model, config)
     _register()
     previous = model.config._attn_implementation
@@ -207,6 +226,9 @@ def patch_model(model: Any, config: RKVConfig | None = None, /, **options: Any) 
     for module in model.modules():  # KV-sharing attention learns, per forward, which layer's slots it reads
         if getattr(module, "is_kv_shared_layer", False):
             record.hooks.append(module.register_forward_pre_hook(_name_the_source, with_kwargs=True))
+        if is_latent(module):  # MLA attends its latents: no per-head keys and values expanded
+            module.expand_kv = types.MethodType(latent_inputs, module)
+            record.latent_modules.append(module)
     model.__dict__[_PATCH_ATTR] = record
     model.__dict__["generate"] = PatchedGenerate(model)
     return model
@@ -218,6 +240,11 @@ def query_statistics_inputs(model: Any, config: RKVConfig) -> tuple[list[Rope | 
     if not make_policy(config).tracks_queries:
         return None, None
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if latent_config(text) is not None:
+        raise ValueError(
+            f"{config.policy!r} scores keys from their RoPE frequencies over a whole head; a latent (MLA) key rotates "
+            "only its last qk_rope_head_dim channels. Use another policy (R-KV, the default, scores latents)"
+        )
     kinds = layer_kinds(model)
     head_dims = layer_shapes(text)[1]
     ropes = model_ropes(model, head_dims, kinds)
@@ -297,15 +324,19 @@ def layer_specs(
             group = text.num_attention_heads // kv_heads[index]
             rope = None if ropes is None else ropes[index]
             calibrated = None if statistics is None else statistics[index]
-            specs.append(LayerSpec(group, windows[kind], sinks, rope, calibrated))
+            latent = None if latent_config(text) is None else latent_config(text)[0]
+            specs.append(LayerSpec(group, windows[kind], sinks, rope, calibrated, latent))
         else:
             specs.append(None)
     return specs
 
 
 def layer_shapes(text: Any) -> tuple[list[int], list[int]]:
-    """Each layer's KV heads and head size (Gemma 4's full layers have their own; configs that allow it say so per
-    layer)."""
+    """Each layer's KV heads and key size (Gemma 4's full layers have their own; configs that allow it say so per
+    layer). A latent (MLA) layer is one head whose key is its latent and rope key."""
+    latent = latent_config(text)
+    if latent is not None:
+        return [1] * text.num_hidden_layers, [sum(latent)] * text.num_hidden_layers
     per_layer = getattr(text, "per_layer_config", None)
     configs = [text if per_layer is None else per_layer[index] for index in range(text.num_hidden_layers)]
     default_dim = text.hidden_size // text.num_attention_heads
@@ -322,7 +353,8 @@ def stock_kv_bytes(model: Any, tokens: int) -> int:
     for spec, heads, dim in zip(layer_specs(model), kv_heads, head_dims, strict=True):
         if isinstance(spec, LayerSpec):
             held = tokens if spec.sliding_window is None else min(tokens, spec.sliding_window)
-            total += 2 * heads * dim * element * held
+            per_token = dim if spec.latent is not None else 2 * heads * dim  # MLA: latent and rope key, once
+            total += per_token * element * held
     return total
 
 

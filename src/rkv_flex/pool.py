@@ -42,10 +42,12 @@ def allocate_slots(
     value_states: Tensor,
     tracks_attention: bool,
     ring: int | None = None,
+    values_in_keys: bool = False,
 ) -> SlotStorage:
     """A layer's slot storage in the layout ``config.allocation`` names, for keys and values like the given ones
     (their KV heads are the ones this process holds: tensor parallelism shards them); a sliding-window layer whose
-    window fits the budgeted slots gets a ring of exactly ``ring`` slots instead."""
+    window fits the budgeted slots gets a ring of exactly ``ring`` slots instead. ``values_in_keys``: the values are
+    the keys' first channels (an MLA latent), stored once."""
     _, kv_heads, _, key_dim = key_states.shape
     shape = dict(
         window=config.window,
@@ -58,11 +60,14 @@ def allocate_slots(
     )
     query_heads = kv_heads * query_group
     if ring is not None:
-        return RingSlots.allocate(batch, kv_heads, query_heads, ring, **{**shape, "tracks_attention": False})
+        shape = {**shape, "tracks_attention": False, "values_in_keys": values_in_keys}
+        return RingSlots.allocate(batch, kv_heads, query_heads, ring, **shape)
     if config.allocation == "adaptive":
+        if values_in_keys:
+            raise ValueError("head-adaptive budgets move budget between KV heads; a latent (MLA) layer has one")
         ceiling = config.ceiling_slots
         return PooledSlots.allocate(batch, kv_heads, query_heads, config.budget, config.buffer, ceiling, **shape)
-    return LayerSlots.allocate(batch, kv_heads, query_heads, config.capacity, **shape)
+    return LayerSlots.allocate(batch, kv_heads, query_heads, config.capacity, **shape, values_in_keys=values_in_keys)
 
 
 class PooledSlots(SlotStorage):

@@ -155,8 +155,13 @@ class SlotStorage(ABC):
         return self.capacity - 1 if self.sinks else None
 
     @property
+    def values_in_keys(self) -> bool:
+        """The values are the keys' first channels (an MLA latent), not a tensor of their own."""
+        return self.values.untyped_storage().data_ptr() == self.keys.untyped_storage().data_ptr()
+
+    @property
     def kv_bytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes
+        return self.keys.nbytes + (0 if self.values_in_keys else self.values.nbytes)
 
     # -- what each layout does its own way ----------------------------------------------------------------------
     @abstractmethod
@@ -289,11 +294,15 @@ class LayerSlots(SlotStorage):
         device: torch.device,
         tracks_attention: bool,
         sinks: bool = False,
+        values_in_keys: bool = False,
     ) -> LayerSlots:
         slots = (batch, kv_heads, capacity + sinks)
+        keys = static(torch.zeros(*slots, key_dim, dtype=dtype, device=device))
         return cls(
-            keys=static(torch.zeros(*slots, key_dim, dtype=dtype, device=device)),
-            values=static(torch.zeros(*slots, value_dim, dtype=dtype, device=device)),
+            keys=keys,
+            values=keys[..., :value_dim]
+            if values_in_keys
+            else static(torch.zeros(*slots, value_dim, dtype=dtype, device=device)),
             valid=static(torch.zeros(slots, dtype=torch.bool, device=device)),
             pos=static(torch.zeros(slots, dtype=torch.long, device=device)),
             queries=static(torch.zeros(batch, query_heads, window, key_dim, dtype=dtype, device=device)),
@@ -400,8 +409,9 @@ class LayerSlots(SlotStorage):
             shape[2] = capacity - shape[2]
             return static(torch.cat([tensor, tensor.new_zeros(shape)], dim=2))
 
-        grown = {name: wider(t) for name, t in self.tensors().items() if name != "queries"}
-        return LayerSlots(queries=self.queries, sinks=self.sinks, **grown)
+        grown = {name: wider(t) for name, t in self.tensors().items() if name not in ("queries", "values")}
+        values = grown["keys"][..., : self.values.shape[-1]] if self.values_in_keys else wider(self.values)
+        return LayerSlots(queries=self.queries, sinks=self.sinks, values=values, **grown)
 
     # -- what the per-head view offers ---------------------------------------------------------------------------
     def state(self, window: Tensor, query_valid: Tensor, scaling: float, softcap: float | None = None) -> SlotState:
