@@ -62,19 +62,23 @@ class Shape:
     weight_bytes: int
     element_bytes: int
     vocab: int
+    copies: int = 2  # K and V; 1 for multi-head latent attention (one latent and rope key per token)
 
     @classmethod
     def of(cls, model: Any) -> Shape:
         text = model.config.get_text_config()
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         vocab = model.get_output_embeddings().weight.shape[0]
+        if getattr(text, "kv_lora_rank", None):
+            latent = text.kv_lora_rank + text.qk_rope_head_dim
+            return cls(text.num_hidden_layers, 1, latent, weights, model.dtype.itemsize, vocab, copies=1)
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         return cls(text.num_hidden_layers, text.num_key_value_heads, head_dim, weights, model.dtype.itemsize, vocab)
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """K and V of one token in every layer."""
-        return 2 * self.layers * self.kv_heads * self.head_dim * self.element_bytes
+        """K and V (an MLA layer: latent and rope key) of one token in every layer."""
+        return self.copies * self.layers * self.kv_heads * self.head_dim * self.element_bytes
 
 
 def random_prompt(batch: int, length: int, vocab: int, device: str, seed: int = 0) -> torch.Tensor:

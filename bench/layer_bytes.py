@@ -1,6 +1,7 @@
 """Cache bytes a layer layout holds: the stock cache, rkv_flex with every attention layer budgeted, and rkv_flex
 with sliding-window layers as rings of their window, at a long generation; a hybrid's linear-attention layers keep
-the same constant-size state in all three, and a KV-sharing layer (Gemma 3n, Gemma 4) holds nothing in any. Checked
+the same constant-size state in all three, a KV-sharing layer (Gemma 3n, Gemma 4) holds nothing in any, and a latent
+(MLA) layer holds one latent and rope key per slot, as transformers' own MLA cache does per token. Checked
 by one small measured run per layout (the same layers, heads, head sizes and window, with a tiny hidden size, in
 fp32).
 
@@ -17,6 +18,7 @@ from common import environment, publish
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from rkv_flex import make_cache, patch_model
+from rkv_flex.latent import latent_config
 from rkv_flex.patch import kv_sources, layer_shapes
 
 LAYOUTS = {  # layout -> (model type, what its released configuration sets beyond transformers' defaults)
@@ -24,6 +26,7 @@ LAYOUTS = {  # layout -> (model type, what its released configuration sets beyon
     "qwen3_5 (transformers' default)": ("qwen3_5_text", {}),
     "gemma4 (transformers' default)": ("gemma4_text", {}),
     "gemma3n (transformers' default)": ("gemma3n_text", {}),
+    "deepseek-v3/r1 (transformers' default)": ("deepseek_v3", {}),
 }
 SHRINK = {  # model type -> what shrinks it to a tiny measured model with the same layer layout
     "gpt_oss": dict(hidden_size=64, intermediate_size=32, num_local_experts=2, num_experts_per_tok=1, vocab_size=512),
@@ -32,19 +35,36 @@ SHRINK = {  # model type -> what shrinks it to a tiny measured model with the sa
     "gemma3n_text": dict(
         hidden_size=64, intermediate_size=32, vocab_size=512, vocab_size_per_layer_input=512, laurel_rank=4
     ),
+    "deepseek_v3": dict(  # the latent (512) and rope key (64) widths stay: they are what the cache holds
+        hidden_size=64,
+        intermediate_size=32,
+        moe_intermediate_size=16,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        q_lora_rank=32,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        vocab_size=512,
+    ),
 }
 SINKS = {"gpt_oss"}
 ATTENTION = ("full_attention", "sliding_attention")
+
+
+def kinds_of(config) -> list[str]:
+    return getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
 
 
 def held_slots(config, tokens: int, budget: int, buffer: int, rings: bool) -> dict[str, list[int]]:
     """Slots per model layer (per row and KV head) for the stock cache and rkv_flex: 0 for a layer that holds none
     (a constant-size state, or a KV-sharing layer that reads an earlier layer's)."""
     window, sink = getattr(config, "sliding_window", None), int(config.model_type in SINKS)
-    sharing = kv_sources(config, config.layer_types)
+    sharing = kv_sources(config, kinds_of(config))
     capacity = budget + buffer
     stock, rkv = [], []
-    for index, kind in enumerate(config.layer_types):
+    for index, kind in enumerate(kinds_of(config)):
         if kind not in ATTENTION or index in sharing:
             stock.append(0)
             rkv.append(0)
@@ -59,7 +79,7 @@ def held_slots(config, tokens: int, budget: int, buffer: int, rings: bool) -> di
 
 def state_bytes(config, element: int) -> int:
     """A hybrid's constant-size state per row: each gated-delta layer's convolution window and recurrent state."""
-    linear = config.layer_types.count("linear_attention")
+    linear = kinds_of(config).count("linear_attention")
     if not linear:
         return 0
     keys, values = config.linear_num_key_heads * config.linear_key_head_dim, config.linear_num_value_heads
@@ -70,7 +90,8 @@ def state_bytes(config, element: int) -> int:
 
 def layout_bytes(config, tokens: int, budget: int, buffer: int, element: int) -> dict:
     kv_heads, head_dims = layer_shapes(config)
-    per_slot = [2 * heads * dim * element for heads, dim in zip(kv_heads, head_dims, strict=True)]  # K and V
+    copies = 1 if latent_config(config) is not None else 2  # K and V; an MLA slot is one latent and rope key
+    per_slot = [copies * heads * dim * element for heads, dim in zip(kv_heads, head_dims, strict=True)]
 
     def total(slots: list[int]) -> int:
         return sum(n * size for n, size in zip(slots, per_slot, strict=True)) + states
@@ -157,14 +178,15 @@ def main() -> None:
     layouts = {}
     for name, (model_type, released) in LAYOUTS.items():
         config = AutoConfig.for_model(model_type, **released)
-        kinds = config.layer_types
+        kinds = kinds_of(config)
         counts = {kind: kinds.count(kind) for kind in sorted(set(kinds))}
         kv_heads, head_dims = layer_shapes(config)
+        heads_name = "latent head (latent and rope key)" if latent_config(config) is not None else "KV heads"
         shapes = sorted({(kinds[i], kv_heads[i], head_dims[i]) for i in range(len(kinds)) if kinds[i] in ATTENTION})
         layouts[name] = {
             "layers": ", ".join(f"{n} {kind.replace('_attention', '')}" for kind, n in counts.items())
             + f" (window {getattr(config, 'sliding_window', None)}); "
-            + ", ".join(f"{kind.replace('_attention', '')}: {h} KV heads of {d}" for kind, h, d in shapes),
+            + ", ".join(f"{kind.replace('_attention', '')}: {h} {heads_name} of {d}" for kind, h, d in shapes),
             "bytes": layout_bytes(config, args.tokens, args.budget, args.buffer, element=2),
             "measured": measured(model_type, released, tokens=200, budget=64, buffer=32),
         }

@@ -71,6 +71,24 @@ SHAPES = {  # random-initialised configs of real models (throughput does not nee
         vocab_size=1024,
         max_position_embeddings=16384,
     ),
+    "mla-small": dict(  # multi-head latent attention at DeepSeek-V2-Lite's proportions, halved
+        model_type="deepseek_v3",
+        hidden_size=1024,
+        intermediate_size=2048,
+        num_hidden_layers=4,
+        first_k_dense_replace=4,  # dense feed-forward: the step's work is attention's and the projections'
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        q_lora_rank=None,
+        kv_lora_rank=256,
+        qk_rope_head_dim=32,
+        qk_nope_head_dim=64,
+        v_head_dim=64,
+        n_group=1,
+        topk_group=1,
+        vocab_size=4096,
+        max_position_embeddings=16384,
+    ),
     "r1-qwen-7b": dict(
         model_type="qwen2",
         hidden_size=3584,
@@ -85,6 +103,7 @@ SHAPES = {  # random-initialised configs of real models (throughput does not nee
 }
 WINDOW = 128  # steps per measured context
 PATHS = ["stock-eager", "stock-static", "rkv-eager", "rkv-hf-compiled", "rkv-compiled"]
+OPTIONAL_PATHS = ["rkv-compiled-sdpa"]  # the engine's compiled step with fused SDPA where it would use flex
 
 
 def load(args):
@@ -202,7 +221,12 @@ class Paths:
     def engine(self, path: str, batch: int) -> Engine:
         key = (path, batch, self.rkv)
         if key not in self.engines:
-            self.engines[key] = Engine(self.model, batch, check_every=1)
+            engine = Engine(self.model, batch, check_every=1)
+            if path == "rkv-compiled-sdpa":
+                engine.cache.choose_decode_kernels = lambda: [
+                    setattr(layer, "flex_decoding", False) for layer in engine.cache.attention
+                ]
+            self.engines[key] = engine
         return self.engines[key]
 
 
@@ -514,13 +538,15 @@ def main(argv=None) -> int:
     parser.add_argument("--cap-length", type=int, default=4096)
     parser.add_argument("--max-batch", type=int, default=512)
     parser.add_argument("--parts", default="AEBCDF")
-    parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset of " + ",".join(PATHS))
+    parser.add_argument(
+        "--paths", default=",".join(PATHS), help="comma-separated subset of " + ",".join(PATHS + OPTIONAL_PATHS)
+    )
     parser.add_argument("--out", default=None, help="result name (default throughput-<device>-<shape>)")
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     args.paths = args.paths.split(",")
-    if unknown := set(args.paths) - set(PATHS):
-        parser.error(f"unknown paths {sorted(unknown)}; choose from {PATHS}")
+    if unknown := set(args.paths) - set(PATHS) - set(OPTIONAL_PATHS):
+        parser.error(f"unknown paths {sorted(unknown)}; choose from {PATHS + OPTIONAL_PATHS}")
     torch.manual_seed(0)
     model, prompt_ids = load(args)
     shape = Shape.of(model)
