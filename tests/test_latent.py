@@ -150,8 +150,12 @@ def test_a_latent_slot_holds_rank_plus_rope_channels_once():
     assert stock_kv_bytes(model, 1000) == BASE["num_hidden_layers"] * 1000 * (RANK + ROPE) * element
 
 
-def test_what_latent_layers_cannot_do_is_refused_before_any_work():
+def test_what_latent_layers_cannot_do_is_refused_before_any_work(monkeypatch):
     model = tiny("deepseek_v3", seed=5)
+    with monkeypatch.context() as patched:  # an MLA module of another form (no expand_kv after the cache)
+        patched.delattr(type(model.model.layers[0].self_attn), "expand_kv")
+        with pytest.raises(ValueError, match="does not cache latents and expand them after the cache"):
+            patch_model(model, budget=12)
     with pytest.raises(ValueError, match="rotates only its last qk_rope_head_dim channels"):
         patch_model(model, budget=12, policy="triattention")
     with pytest.raises(ValueError, match="a latent \\(MLA\\) layer has one"):

@@ -168,6 +168,11 @@ def _check_model(model: Any) -> None:
             f"{'/'.join(map(str, kv_heads))} KV heads and {text.num_attention_heads} query heads: a KV head (or its "
             "query group) would be split across ranks, and R-KV scores and keeps tokens per whole KV head"
         )
+    if latent_config(text) is not None and not any(is_latent(module) for module in model.modules()):
+        raise ValueError(
+            f"this {model_type} has latent attention whose module does not cache latents and expand them after the "
+            "cache (expand_kv), the form rkv_flex serves (transformers 5.24 on)"
+        )
     if all(mode == "reuse" for mode in getattr(text, "kv_sharing_modes", None) or [None]):
         raise ValueError(
             f"every layer of this {model_type} reads keys and values another model computes (an assistant model): "
