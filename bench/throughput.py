@@ -171,7 +171,7 @@ class Paths:
 
     def __init__(self, model, args):
         self.model, self.args = model, args
-        self.rkv = RKVConfig(budget=args.budget, buffer=args.buffer)
+        self.rkv = RKVConfig(budget=args.budget, buffer=args.buffer, policy=args.policy)
         self.engines: dict[tuple, Engine] = {}
         self.warm: set = set()
 
@@ -194,7 +194,9 @@ class Paths:
                 cache_implementation="static", compile_config=compile_config(self.args.device), max_cache_len=length
             )
             return hf_generate(model, ids, new_tokens, path, **options).step_times()
-        patch_model(model, self.rkv if path != "floor" else RKVConfig(budget=8, buffer=8, window=8))
+        patch_model(
+            model, self.rkv if path != "floor" else RKVConfig(budget=8, buffer=8, window=8, policy=self.args.policy)
+        )
         try:
             if path == "rkv-eager":
                 return hf_generate(model, ids, new_tokens, path, cache=make_cache(model)).step_times()
@@ -271,7 +273,7 @@ print(json.dumps(dict(stock_first=stock, rkv_first=rkv, rkv_second=again)))
 def part_e(model, prompt_ids, paths: Paths, args) -> dict:
     first = {path: median_ms(paths.run(path, prompt_ids, WINDOW + 1)) for path in ("stock-eager", "rkv-eager")}
     answer = {}
-    saved, paths.rkv = paths.rkv, RKVConfig(budget=128, buffer=128)
+    saved, paths.rkv = paths.rkv, RKVConfig(budget=128, buffer=128, policy=args.policy)
     for path in ("stock-eager", "rkv-eager"):
         paths.run(path, prompt_ids, 8)  # warm
         start = time.perf_counter()
@@ -349,7 +351,7 @@ def part_f(paths: Paths, shape: Shape, args) -> dict:
         ids = random_prompt(batch, saved.capacity, shape.vocab, args.device, seed=13)
         row = {"path": path, "batch": batch}
         for allocation in ("uniform", "adaptive"):
-            paths.rkv = RKVConfig(budget=args.budget, buffer=args.buffer, allocation=allocation)
+            paths.rkv = RKVConfig(budget=args.budget, buffer=args.buffer, allocation=allocation, policy=args.policy)
             steps = paths.run(path, ids, 2 * args.buffer + 1)
             normal = statistics.median(steps)
             row[allocation] = {
@@ -531,6 +533,7 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=None, help="override the shape's layer count")
     parser.add_argument("--budget", type=int, default=512)
     parser.add_argument("--buffer", type=int, default=128)
+    parser.add_argument("--policy", default="rkv", help="the policy of every rkv path and the floor")
     parser.add_argument("--contexts", type=int, nargs="+", default=[640, 1024, 2048, 4096, 8192])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--batch-context", type=int, default=4096)

@@ -311,6 +311,9 @@ class RKVLayer(CacheLayerMixin):
         Needs the slots and the model's scaling, soft-cap and sinks (learnt from the first forward)."""
         if not self.is_initialized:
             raise RuntimeError("choose the decoding kernels after the first forward (the prefill)")
+        if self.spec.latent is not None:  # every query head reads one latent head: SDPA folds them into one matrix
+            self.flex_decoding = False  # product and measured faster here (docs/method.md section 11)
+            return
         slots = self.slots
         settings = dict(softcap=self.softcap, sinks=self.sinks, sink_slot=self.sink_slot, segments=slots.segments)
         self.flex_decoding = self.shared.kernels.decode_trusted(
