@@ -261,7 +261,7 @@ from rkv_flex import patch_model
 args = argparse.Namespace(shape={args.shape!r}, dtype={args.dtype!r}, device={args.device!r})
 model, ids = load(args)
 start = time.perf_counter(); hf_generate(model, ids, 16, "stock"); stock = time.perf_counter() - start
-patch_model(model, budget={args.budget}, buffer={args.buffer})
+patch_model(model, budget={args.budget}, buffer={args.buffer}, policy={args.policy!r})
 start = time.perf_counter(); hf_generate(model, ids, 16, "rkv"); rkv = time.perf_counter() - start
 start = time.perf_counter(); hf_generate(model, ids, 16, "rkv"); again = time.perf_counter() - start
 print(json.dumps(dict(stock_first=stock, rkv_first=rkv, rkv_second=again)))

@@ -28,7 +28,7 @@ from .kernel_checks import KernelChecks
 from .planner import Plan, Planner
 from .policies import Policy, SlotState, make_policy
 from .pool import allocate_slots
-from .rope import Rope, invert, split_pairs
+from .rope import Rope, pair_index, unrotated_moments
 from .scoring import received_attention
 from .slots import RowCounters, SlotStorage, static
 from .state_layers import StateLayer
@@ -87,6 +87,7 @@ class RKVLayer(CacheLayerMixin):
         self.sinks: Tensor | None = None
         self.query_moments: Tensor | None = None  # [B, Hq, D + D/2 + 1]: sums of pre-RoPE queries, |pairs|, count
         self.rope: Rope | None = None  # the spec's rotation and calibrated statistics, on the layer's device
+        self.pairs: tuple[Tensor, Tensor] | None = None  # each RoPE pair's dimensions, on the layer's device
         self.statistics: tuple[Tensor, Tensor] | None = None
         self.has_readers = False  # later layers attend these slots (KV sharing)
         self.last_span: StagedSpan | None = None  # what the last span attended, kept for the readers
@@ -115,6 +116,7 @@ class RKVLayer(CacheLayerMixin):
             if self.spec.rope is None:
                 raise ValueError(f"{self.policy!r} needs each layer's RoPE: build the cache with make_cache(model)")
             self.rope = self.spec.rope.to(self.device)
+            self.pairs = tuple(index.to(self.device) for index in pair_index(key_states.shape[-1], self.rope.rotary))
             if self.spec.statistics is not None:
                 self.statistics = tuple(t.to(self.device) for t in self.spec.statistics)
             else:
@@ -159,11 +161,11 @@ class RKVLayer(CacheLayerMixin):
         row not fed), to the running statistics (online TriAttention)."""
         if self.query_moments is None:
             return
-        unrotated = invert(query, positions, self.rope)  # [B, Hq, L, D] fp32
-        real, imag = split_pairs(unrotated, self.rope.rotary)
         weight = weight.float()[:, None, :, None]
-        moments = torch.cat([unrotated, torch.hypot(real, imag), torch.ones_like(real[..., :1])], dim=-1)
-        self.moments.add_((moments * weight).sum(dim=2))
+        sums = (unrotated_moments(query, positions, self.rope, self.pairs) * weight).sum(dim=2)  # [B, Hq, D + F]
+        moments = self.moments
+        moments[..., :-1].add_(sums)
+        moments[..., -1:].add_(weight.sum(dim=2))
 
     def with_statistics(self, state: SlotState) -> SlotState:
         """``state`` with the query statistics and RoPE that policies tracking queries score with."""
@@ -474,7 +476,10 @@ class RKVCache(Cache):
         self, config: RKVConfig, layers: list[LayerSpec | SharesKV | None], kernels: KernelChecks | None = None
     ):
         """``layers``: per model layer, its attention's spec, the layer whose keys it shares, or None for a layer
-        with a constant-size state."""
+        with a constant-size state. ``policy="auto"`` is TriAttention when every attention layer's spec carries its
+        RoPE (``make_cache`` reads it from the model), R-KV otherwise."""
+        attention_specs = [spec for spec in layers if isinstance(spec, LayerSpec)]
+        config = config.resolved(all(spec.rope is not None for spec in attention_specs))
         self.config = config
         self.policy = make_policy(config)
         self.shared = SharedState(kernels=kernels or KernelChecks(enabled=config.check_kernels))

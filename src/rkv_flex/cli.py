@@ -19,7 +19,10 @@ def _add_cache_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window", type=int, default=8, help="newest tokens always kept (default 8)")
     parser.add_argument("--lam", type=float, default=0.1, help="R-KV importance weight in [0, 1] (default 0.1)")
     parser.add_argument(
-        "--policy", default="rkv", help="rkv, snapkv, streaming, h2o, random, full or triattention (default rkv)"
+        "--policy",
+        default="auto",
+        help="auto (TriAttention where it reads the model's RoPE, else R-KV), rkv, snapkv, streaming, h2o, random, "
+        "full or triattention (default auto)",
     )
     parser.add_argument("--statistics", help="triattention: a calibration file (rkv-flex calibrate); default online")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")

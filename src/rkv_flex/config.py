@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-POLICY_NAMES = ("rkv", "snapkv", "streaming", "h2o", "random", "full", "triattention")
+POLICY_NAMES = ("auto", "rkv", "snapkv", "streaming", "h2o", "random", "full", "triattention")
 ATTENTION_BACKENDS = ("flex", "sdpa")
 ALLOCATIONS = ("uniform", "adaptive")
 # Policies whose scores rank positions the same way in every head: nothing for an adaptive allocation to go by.
@@ -36,7 +36,8 @@ class RKVConfig:
         lam: R-KV mixing weight, score = lam * importance - (1 - lam) * redundancy. 1.0 is pure importance.
         kernel: max-pool width applied to importance along token order (odd).
         threshold: cosine similarity above which two keys count as near-duplicates (R-KV redundancy).
-        policy: "rkv", "snapkv", "streaming", "h2o", "random", "full", "triattention", a
+        policy: "auto" (the default: "triattention" where it can read the model's RoPE, "rkv" otherwise), "rkv",
+            "snapkv", "streaming", "h2o", "random", "full", "triattention", a
             :class:`~rkv_flex.policies.Policy`, or a scoring callable ``(SlotState) -> Tensor``.
         statistics: "triattention": a file of per-head query statistics written by ``rkv-flex calibrate``; None
             (the default) keeps running statistics of the model's own queries instead (online).
@@ -63,7 +64,7 @@ class RKVConfig:
     lam: float = 0.1
     kernel: int = 7
     threshold: float = 0.5
-    policy: Any = "rkv"
+    policy: Any = "auto"
     compact_prompt: bool = True
     prefill_chunk: int | None = 512
     sinks: int = 4
@@ -132,6 +133,14 @@ class RKVConfig:
         for name in ("compact_prompt", "check_kernels"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"RKVConfig.{name} must be a bool, got {getattr(self, name)!r}")
+
+    def resolved(self, triattention_serves: bool) -> RKVConfig:
+        """This config with ``policy="auto"`` made concrete: TriAttention where it can score the model's keys (it
+        reads their RoPE), R-KV where it cannot; any other policy as it is. The default was chosen by the rule of
+        ``bench/choose_default.py`` (docs/benchmarks.md)."""
+        if self.policy != "auto":
+            return self
+        return replace(self, policy="triattention" if triattention_serves else "rkv")
 
     @property
     def floor_slots(self) -> int:

@@ -26,7 +26,7 @@ from .forward import feed, padded_columns, prompt_pieces
 from .kernel_checks import KernelChecks
 from .latent import is_latent, latent_config, latent_inputs
 from .policies import make_policy
-from .rope import Rope, model_ropes
+from .rope import Rope, RopeUnreadable, model_ropes
 
 
 @dataclass(frozen=True)
@@ -223,7 +223,7 @@ def patch_model(model: Any, config: RKVConfig | None = None, /, **options: Any) 
             "allocation='adaptive' moves budget between KV heads; a latent (MLA) layer has one, which every query "
             "head reads (use allocation='uniform')"
         )
-    ropes, statistics = query_statistics_inputs(model, config)
+    config, ropes, statistics = resolve_policy(model, config)
     _register()
     previous = model.config._attn_implementation
     model.set_attn_implementation(ATTENTION_NAME)
@@ -239,6 +239,19 @@ def patch_model(model: Any, config: RKVConfig | None = None, /, **options: Any) 
     return model
 
 
+def resolve_policy(model: Any, config: RKVConfig) -> tuple[RKVConfig, list[Rope | None] | None, dict | None]:
+    """``config`` with its policy concrete, and what a policy tracking queries needs of the model (its layers' RoPE
+    and any calibrated statistics): ``"auto"`` is TriAttention where the model's RoPE reads as frequencies per pair,
+    and R-KV where it does not (interleaved pairs, latent attention, no rotary module)."""
+    if config.policy != "auto":
+        return config, *query_statistics_inputs(model, config)
+    try:
+        chosen = config.resolved(triattention_serves=True)
+        return chosen, *query_statistics_inputs(model, chosen)
+    except RopeUnreadable:
+        return config.resolved(triattention_serves=False), None, None
+
+
 def query_statistics_inputs(model: Any, config: RKVConfig) -> tuple[list[Rope | None] | None, dict | None]:
     """For a policy that tracks queries (TriAttention): each layer's RoPE and, if a calibration file is given, its
     statistics, both checked against the model before any work."""
@@ -246,7 +259,7 @@ def query_statistics_inputs(model: Any, config: RKVConfig) -> tuple[list[Rope | 
         return None, None
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     if latent_config(text) is not None:
-        raise ValueError(
+        raise RopeUnreadable(
             f"{config.policy!r} scores keys from their RoPE frequencies over a whole head; a latent (MLA) key rotates "
             "only its last qk_rope_head_dim channels. Use another policy (R-KV, the default, scores latents)"
         )

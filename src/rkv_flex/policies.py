@@ -156,9 +156,8 @@ class TriAttention(Policy):
         if state.query_center is None or state.rope is None:
             raise ValueError("the triattention policy needs query statistics and the layer's RoPE from the cache")
         now = state.pos.masked_fill(~state.valid, -1).amax(dim=(1, 2)) + 1  # the next token's position, per row
-        offsets = [float(2**k) for k in range(self.horizon.bit_length()) if 2**k <= self.horizon]
         return frequency_scores(
-            state.keys, state.candidates, state.query_center, state.query_magnitude, state.rope, now, offsets
+            state.keys, state.candidates, state.query_center, state.query_magnitude, state.rope, now, self.horizon
         )
 
 
@@ -211,6 +210,10 @@ def make_policy(config: RKVConfig) -> Policy:
         return policy
     if callable(policy):
         return ScoringFunction(policy)
+    if policy == "auto":
+        raise ValueError(
+            "policy 'auto' depends on the model: resolve it first (RKVConfig.resolved, as patch_model does)"
+        )
     return {
         "rkv": lambda: RKV(config.lam, config.kernel, config.threshold),
         "snapkv": lambda: SnapKV(config.kernel),

@@ -70,6 +70,23 @@ def invert(x: Tensor, positions: Tensor, rope: Rope) -> Tensor:
     return _turn(x, positions, rope, sign=-1.0)
 
 
+def unrotated_moments(x: Tensor, positions: Tensor, rope: Rope, pairs: tuple[Tensor, Tensor]) -> Tensor:
+    """[B, H, L, D + F]: queries ``x`` [B, H, L, D] at ``positions`` [B, L] as they were before RoPE (in their own
+    dimension order), then each pair's magnitude, which the rotation scales by its amplitude and otherwise keeps.
+    ``pairs``: :func:`pair_index` on ``x``'s device (made once per layer: a decoding step calls this per layer)."""
+    real_at, imag_at = pairs
+    x = x.float()
+    real, imag = x[..., real_at], x[..., imag_at]
+    angle = positions.float()[:, None, :, None] * rope.omega
+    cos, sin = torch.cos(angle) / rope.amplitude, torch.sin(angle) / rope.amplitude
+    head_dim = x.shape[-1]
+    out = x.new_empty(*x.shape[:-1], head_dim + head_dim // 2)
+    out[..., real_at] = real * cos + imag * sin
+    out[..., imag_at] = imag * cos - real * sin
+    out[..., head_dim:] = torch.hypot(real, imag) / rope.amplitude
+    return out
+
+
 def _turn(x: Tensor, positions: Tensor, rope: Rope, sign: float) -> Tensor:
     real, imag = split_pairs(x.float(), rope.rotary)
     angle = positions.float()[:, None, :, None] * rope.omega * sign
@@ -79,6 +96,11 @@ def _turn(x: Tensor, positions: Tensor, rope: Rope, sign: float) -> Tensor:
 
 
 # -- reading a model's rotation --------------------------------------------------------------------------------------
+class RopeUnreadable(ValueError):
+    """The model's rotation cannot be written as TriAttention's frequencies per pair (``policy="auto"`` then uses
+    R-KV)."""
+
+
 ATTENTION = ("full_attention", "sliding_attention")
 # Models whose attention layers never rotate when they have no rotary module (Granite 4.0-H with
 # position_embedding_type other than "rope"; Nemotron-H's attention has no RoPE at all)
@@ -95,10 +117,12 @@ def model_ropes(model: Any, head_dims: list[int], kinds: list[str]) -> list[Rope
     if rotary is None and model.config.model_type in WITHOUT_ROPE:
         return [Rope.none(dim) if kind in ATTENTION else None for kind, dim in zip(kinds, head_dims, strict=True)]
     if rotary is None:
-        raise ValueError(f"{model.config.model_type} has no rotary module (model.model.rotary_emb) to read RoPE from")
+        raise RopeUnreadable(
+            f"{model.config.model_type} has no rotary module (model.model.rotary_emb) to read RoPE from"
+        )
     apply = getattr(sys.modules[type(inner).__module__], "apply_rotary_pos_emb", None)
     if apply is None:
-        raise ValueError(f"{model.config.model_type} has no apply_rotary_pos_emb to check the rotation against")
+        raise RopeUnreadable(f"{model.config.model_type} has no apply_rotary_pos_emb to check the rotation against")
     by_type = "layer_type" in inspect.signature(rotary.forward).parameters
     uses_rope = rope_layers(model)
     ropes: list[Rope | None] = []
@@ -130,7 +154,9 @@ def rope_layers(model: Any) -> list[bool]:
 def read_rope(rotary: Any, apply: Any, head_dim: int, layer_type: str | None, model: Any) -> Rope:
     parameters = getattr(rotary, "rope_type", None) or ""
     if "dynamic" in str(parameters):
-        raise ValueError("dynamic NTK RoPE changes its frequencies with the sequence length; TriAttention needs fixed")
+        raise RopeUnreadable(
+            "dynamic NTK RoPE changes its frequencies with the sequence length; TriAttention needs fixed"
+        )
     positions = torch.tensor([PROBE_POSITIONS], dtype=torch.long)
     probe = torch.zeros(1, dtype=torch.float32)
     with torch.no_grad():
@@ -160,7 +186,7 @@ def check_rope(rope: Rope, apply: Any, cos: Tensor, sin: Tensor, positions: Tens
             expected, _ = apply(q, q.clone(), cos[None], sin[None])
     got = rotate(q, positions, rope)
     if not torch.allclose(got, expected.float(), rtol=1e-4, atol=1e-4):
-        raise ValueError(
+        raise RopeUnreadable(
             f"{name}'s rotary embedding is not a rotation of the pairs (x[f], x[f + R/2]) that TriAttention's score "
             "is written for (interleaved pairs, or a rotation applied outside apply_rotary_pos_emb)"
         )

@@ -130,24 +130,28 @@ def frequency_scores(
     magnitude: Tensor,
     rope: Rope,
     now: Tensor,
-    offsets: list[float],
+    horizon: int,
 ) -> Tensor:
     """TriAttention's score [B, Hkv, S] of each post-RoPE key (docs/method.md 5.5).
 
     Per query head ``h`` with mean pre-RoPE query pairs ``c_f`` (``center`` [B or 1, Hq, D]) and mean pair
     magnitudes ``m_f`` (``magnitude`` [B or 1, Hq, F]), and a key whose pre-RoPE pairs are ``k_f`` at position
     ``p``: ``mean_o sum_f Re(c_f conj(k_f) exp(i omega_f (now - p + o))) + sum_f (m_f - |c_f|) |k_f|``, the logit
-    the mean query pays the key from ``o`` positions past ``now`` [B], plus the magnitude the mean leaves out. The
-    cached key is ``a_f k_f exp(i omega_f p)``, so ``p`` cancels and no key is un-rotated: the mean over ``o`` folds
-    into one phase per pair and row, and the trigonometric term becomes a dot product of the key with one query-side
-    vector per head. z-normalised per head over ``candidates``, then the max over each KV head's query group.
+    the mean query pays the key from ``o`` positions past ``now`` [B] (``o`` = 1, 2, 4, ..., up to ``horizon``),
+    plus the magnitude the mean leaves out. The cached key is ``a_f k_f exp(i omega_f p)``, so ``p`` cancels and no
+    key is un-rotated: the mean over ``o`` folds into one phase per pair and row, and the trigonometric term becomes a
+    dot product of the key with one query-side vector per head. z-normalised per head over ``candidates``, then the
+    max over each KV head's query group.
     """
     kv_heads = keys.shape[1]
     group = center.shape[1] // kv_heads
     key_real, key_imag = split_pairs(keys.float(), rope.rotary)  # [B, Hkv, S, F]
     center_real, center_imag = split_pairs(center.float(), rope.rotary)  # [B, Hq, F]
     omega, amplitude = rope.omega.to(keys.device), rope.amplitude.to(keys.device)
-    spread = omega[:, None] * torch.tensor(offsets, device=keys.device)  # [F, O]
+    # the future distances 1, 2, 4, ..., <= horizon, made by ops (a tensor literal inside a compiled region that
+    # layers share fails at run time in torch 2.13's inductor)
+    offsets = torch.exp2(torch.arange(horizon.bit_length(), device=keys.device, dtype=torch.float32))
+    spread = omega[:, None] * offsets  # [F, O]
     mean_real, mean_imag = torch.cos(spread).mean(-1), torch.sin(spread).mean(-1)
     turn = now.float()[:, None] * omega  # [B, F]
     phase_real = torch.cos(turn) * mean_real - torch.sin(turn) * mean_imag
