@@ -90,10 +90,11 @@ def test_every_architecture_in_the_table_is_tested():
     from test_families import FAMILIES
     from test_hybrids import HYBRIDS
     from test_kv_sharing import SHARING
+    from test_latent import FAMILIES as LATENT
 
     text_models = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}  # AutoModelForCausalLM's own types
     assert set(text_models.values()) <= set(HYBRIDS)
-    tested = set(TINY) | set(FAMILIES) | set(HYBRIDS) | set(SHARING) | set(text_models)
+    tested = set(TINY) | set(FAMILIES) | set(HYBRIDS) | set(SHARING) | set(LATENT) | set(text_models)
     tested |= {"llama", "mistral", "qwen2", "qwen3"}
     assert tested == set(ARCHITECTURES)
 
