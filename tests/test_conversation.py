@@ -19,7 +19,12 @@ def turns(seed: int, lengths=(9, 6)):
 
 
 def greedy(model, ids, **options):
-    return model.generate(input_ids=ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, **options)
+    """A mask of ones: without one, transformers takes a generated token equal to the pad id (0 here) for padding in
+    the next turn and shifts every later position."""
+    mask = torch.ones_like(ids)
+    return model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, **options
+    )
 
 
 def test_a_reused_cache_with_nothing_evicted_equals_one_generate_over_the_whole_conversation():

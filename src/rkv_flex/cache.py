@@ -167,14 +167,14 @@ class RKVLayer(CacheLayerMixin):
         moments[..., :-1].add_(sums)
         moments[..., -1:].add_(weight.sum(dim=2))
 
-    def with_statistics(self, state: SlotState) -> SlotState:
-        """``state`` with the query statistics and RoPE that policies tracking queries score with."""
+    def with_statistics(self, state: SlotState, moments: Tensor | None) -> SlotState:
+        """``state`` with the query statistics and RoPE that policies tracking queries score with; ``moments``: the
+        running sums of the rows ``state`` holds (all rows at compaction, the fed ones for a span)."""
         if not self.policy.tracks_queries:
             return state
         if self.statistics is not None:
             center, magnitude = (t[None].expand(state.keys.shape[0], -1, -1) for t in self.statistics)
         else:
-            moments = self.moments
             dim = state.keys.shape[-1]
             mean = moments[..., :-1] / moments[..., -1:].clamp(min=1.0)
             center, magnitude = mean[..., :dim].clone(), mean[..., dim:].clone()  # no aliasing into compiled regions
@@ -281,7 +281,7 @@ class RKVLayer(CacheLayerMixin):
         held = slots.occupancy(used)
         query_valid, softcap = counters.query_valid, self.softcap
         staged = view.staged(keys, values, positions, new_valid, length, held, query_valid, scaling, softcap)
-        staged = self.with_statistics(staged)
+        staged = self.with_statistics(staged, self.moments if self.query_moments is not None else None)
         if staged.attention_sum is not None:  # what the real (not padding) new queries pay every slot
             received = received_attention(
                 query,
@@ -356,7 +356,7 @@ class RKVLayer(CacheLayerMixin):
         used = counters.used.to(slots.keys.device)
         query_valid = counters.query_valid.to(used.device)
         state = slots.scoring_state(used, self.config.window, query_valid, self.scaling, self.softcap)
-        state = self.with_statistics(state)
+        state = self.with_statistics(state, self.query_moments)  # every row's, as the slots are
         fed = counters.fed
         if rows is not None:
             state = replace(state, **{name: t.index_select(0, rows) for name, t in _row_tensors(state).items()})
