@@ -334,6 +334,8 @@ def layer_specs(
     windows = {"full_attention": None, "sliding_attention": window}
     kv_heads, _ = layer_shapes(text)
     sources = kv_sources(text, kinds)
+    latent = latent_config(text)
+    rank = None if latent is None else latent[0]  # MLA: the latent's channels, the value's share of the key
     specs: list[LayerSpec | SharesKV | None] = []
     for index, kind in enumerate(kinds):
         if index in sources:
@@ -342,8 +344,7 @@ def layer_specs(
             group = text.num_attention_heads // kv_heads[index]
             rope = None if ropes is None else ropes[index]
             calibrated = None if statistics is None else statistics[index]
-            latent = None if latent_config(text) is None else latent_config(text)[0]
-            specs.append(LayerSpec(group, windows[kind], sinks, rope, calibrated, latent))
+            specs.append(LayerSpec(group, windows[kind], sinks, rope, calibrated, rank))
         else:
             specs.append(None)
     return specs
