@@ -49,6 +49,29 @@ def test_continuous_batching_equals_each_request_alone_in_any_queue_order(model)
         assert engine.cache.compactions > 0
 
 
+def test_free_rows_take_the_longest_request_first_or_the_given_order(model):
+    """The queue order decides only when a request runs: a row goes to the largest max_new_tokens first (ties in
+    input order) or to the requests as given, and each request's tokens are the same."""
+    prompts, _ = workload(5, seed=4)
+    lengths = [12, 30, 5, 30, 20]
+    with Engine(model, batch_size=1) as engine:  # one row: requests finish in the order they start
+
+        def run(order):
+            events = list(engine.stream(prompts, max_new_tokens=lengths, order=order))
+            outputs = [[] for _ in prompts]
+            for event in events:
+                outputs[event.index].extend(event.tokens)
+            return [event.index for event in events if event.finished], outputs
+
+        longest, by_length = run("longest-first")
+        given, as_given = run("given")
+        assert longest == [1, 3, 4, 0, 2]
+        assert given == [0, 1, 2, 3, 4]
+        assert by_length == as_given
+        with pytest.raises(ValueError, match="order must be one of"):
+            engine.generate(prompts, order="shortest-first")
+
+
 def test_per_request_eos_and_sampling_settings(model):
     prompts, _ = workload(4, seed=3)
     free = alone(model, prompts[0], 30)

@@ -184,21 +184,37 @@ class Engine:
 
     # -- generation ---------------------------------------------------------------------------------------------
     def generate(
-        self, prompts: Sequence[Sequence[int]], *, continue_rows: bool = False, **options: Any
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        continue_rows: bool = False,
+        order: str = "longest-first",
+        **options: Any,
     ) -> list[list[int]]:
         """Each prompt's generated token ids, in input order. Options (``max_new_tokens``, ``do_sample``,
         ``temperature``, ``top_p``, ``top_k``, ``seed``, ``eos_token_id``, ``pad_token_id``) take one value for all
-        prompts or a list with one per prompt; unset ones come from the model's ``generation_config``."""
+        prompts or a list with one per prompt; unset ones come from the model's ``generation_config``. ``order``:
+        see :meth:`stream`."""
         outputs: list[list[int]] = [[] for _ in prompts]
-        for event in self.stream(prompts, continue_rows=continue_rows, **options):
+        for event in self.stream(prompts, continue_rows=continue_rows, order=order, **options):
             outputs[event.index].extend(event.tokens)
         return outputs
 
     def stream(
-        self, prompts: Sequence[Sequence[int]], *, continue_rows: bool = False, **options: Any
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        continue_rows: bool = False,
+        order: str = "longest-first",
+        **options: Any,
     ) -> Iterator[Completion]:
         """Like :meth:`generate`, yielding each request's new tokens as they are found (every ``check_every``
         steps) and a final event per request when it finishes.
+
+        ``order``: which queued request takes the next free row. ``"longest-first"`` (largest ``max_new_tokens``
+        first, ties in input order) keeps the rows busy to the end: every step costs the same whatever rows are
+        idle, and long requests started last would decode alone. ``"given"``: input order (first come, first
+        served). Each request's tokens are the same either way.
 
         ``continue_rows``: prompt ``i`` continues row ``i``'s conversation (one prompt per row): it holds the whole
         conversation so far, the tokens the row has already seen are skipped and the rest are fed on top of what
@@ -206,6 +222,8 @@ class Engine:
         """
         if self.cache is None:
             raise RuntimeError("this engine is closed")
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
         requests = build_requests(self.model.generation_config, prompts, **options)
         for index, request in enumerate(requests):
             check_length(self.model, len(request.prompt) + request.max_new_tokens, f"request {index}")
@@ -216,7 +234,10 @@ class Engine:
         try:
             self.cache.shared.fed_on_device = True  # the steps' finished rows are known on the device only
             variants = {request.sampling.variant for request in requests}
-            yield from self._run(deque(enumerate(requests)), variants, continue_rows)
+            queue = list(enumerate(requests))
+            if order == "longest-first" and not continue_rows:
+                queue.sort(key=lambda item: -item[1].max_new_tokens)  # stable: ties stay in input order
+            yield from self._run(deque(queue), variants, continue_rows)
         finally:
             self._rows = [None] * self.batch_size
             self.cache.cancel_plan()
@@ -364,6 +385,7 @@ class Engine:
         self.buffers.pad_ids[row] = 0
 
 
+ORDERS = ("longest-first", "given")
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "greedy", "seed")
 
 
