@@ -28,7 +28,7 @@ from .kernel_checks import KernelChecks
 from .planner import Plan, Planner
 from .policies import Policy, SlotState, make_policy
 from .pool import allocate_slots
-from .rope import Rope, pair_index, unrotated_moments
+from .rope import Rope, pair_index, unrotated_sums
 from .scoring import received_attention
 from .slots import RowCounters, SlotStorage, static
 from .state_layers import StateLayer
@@ -161,11 +161,9 @@ class RKVLayer(CacheLayerMixin):
         row not fed), to the running statistics (online TriAttention)."""
         if self.query_moments is None:
             return
-        weight = weight.float()[:, None, :, None]
-        sums = (unrotated_moments(query, positions, self.rope, self.pairs) * weight).sum(dim=2)  # [B, Hq, D + F]
         moments = self.moments
-        moments[..., :-1].add_(sums)
-        moments[..., -1:].add_(weight.sum(dim=2))
+        moments[..., :-1].add_(unrotated_sums(query, positions, weight, self.rope, self.pairs))  # [B, Hq, D + F]
+        moments[..., -1:].add_(weight.float().sum(dim=1)[:, None, None])
 
     def with_statistics(self, state: SlotState, moments: Tensor | None) -> SlotState:
         """``state`` with the query statistics and RoPE that policies tracking queries score with; ``moments``: the

@@ -70,20 +70,23 @@ def invert(x: Tensor, positions: Tensor, rope: Rope) -> Tensor:
     return _turn(x, positions, rope, sign=-1.0)
 
 
-def unrotated_moments(x: Tensor, positions: Tensor, rope: Rope, pairs: tuple[Tensor, Tensor]) -> Tensor:
-    """[B, H, L, D + F]: queries ``x`` [B, H, L, D] at ``positions`` [B, L] as they were before RoPE (in their own
-    dimension order), then each pair's magnitude, which the rotation scales by its amplitude and otherwise keeps.
-    ``pairs``: :func:`pair_index` on ``x``'s device (made once per layer: a decoding step calls this per layer)."""
+def unrotated_sums(x: Tensor, positions: Tensor, weight: Tensor, rope: Rope, pairs: tuple[Tensor, Tensor]) -> Tensor:
+    """[B, H, D + F]: the ``weight`` [B, L]-weighted sums over L of queries ``x`` [B, H, L, D] at ``positions``
+    [B, L] as they were before RoPE (in their own dimension order), then of each pair's magnitude, which the
+    rotation scales by its amplitude and otherwise keeps. ``pairs``: :func:`pair_index` on ``x``'s device (made once
+    per layer: a decoding step calls this per layer). Summed over L as it goes: no [B, H, L, D] tensor is written
+    back, which made a prompt's statistics cost 15% of its forward."""
     real_at, imag_at = pairs
     x = x.float()
     real, imag = x[..., real_at], x[..., imag_at]
     angle = positions.float()[:, None, :, None] * rope.omega
-    cos, sin = torch.cos(angle) / rope.amplitude, torch.sin(angle) / rope.amplitude
+    weight = weight.float()[:, None, :, None] / rope.amplitude
+    cos, sin = torch.cos(angle) * weight, torch.sin(angle) * weight  # [B, 1, L, F]
     head_dim = x.shape[-1]
-    out = x.new_empty(*x.shape[:-1], head_dim + head_dim // 2)
-    out[..., real_at] = real * cos + imag * sin
-    out[..., imag_at] = imag * cos - real * sin
-    out[..., head_dim:] = torch.hypot(real, imag) / rope.amplitude
+    out = x.new_empty(*x.shape[:2], head_dim + head_dim // 2)
+    out[..., real_at] = (real * cos + imag * sin).sum(dim=2)
+    out[..., imag_at] = (imag * cos - real * sin).sum(dim=2)
+    out[..., head_dim:] = (torch.hypot(real, imag) * weight).sum(dim=2)
     return out
 
 
