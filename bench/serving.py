@@ -9,10 +9,14 @@ end-of-sequence never stops it, so every path does the same work. All paths get 
                  request is done
   hf-continuous  transformers' own continuous batching (paged cache of the same capacity, per-request lengths)
   rkv-static     rkv_flex.generate in static batches: as many rows as budget + buffer slots fit in the cap
-  rkv-engine     the rkv_flex engine with the same rows, refilled as requests finish
+  rkv-engine     the rkv_flex engine with the same rows, refilled as requests finish, the longest request first
+                 (its default order)
+  rkv-engine-given  the same, refilled in the given order (first come, first served)
 
 Reported per path: generated tokens per second (the requested tokens over the wall time), request latency from the
-start of the run to the request's completion (p50, p95), and the peak resident memory of the process.
+start of the run to the request's completion (p50, p95), and the peak resident memory of the process. The two
+rkv_flex paths also report where their wall time went (``profile``): prefills (a request's prompt and first token),
+compactions, the decode steps (forward and token choice), the host's collection of tokens, and the rest.
 
     python bench/serving.py                                           # 64 prompts, 128-4096 tokens, budget 512
     python bench/serving.py --min-new 64 --max-new 1024 --budget 128 --buffer 128 --cap-gib 0.25
@@ -21,32 +25,53 @@ start of the run to the request's completion (p50, p95), and the peak resident m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import random
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import Shape, environment, publish
+from throughput import SHAPES
 
-PATHS = ("stock-static", "hf-continuous", "rkv-static", "rkv-engine")
+from rkv_flex.cli import DTYPES
+
+PATHS = ("stock-static", "hf-continuous", "rkv-static", "rkv-engine", "rkv-engine-given")
 
 
-def workload(tokenizer, args) -> tuple[list[list[int]], list[int]]:
-    from rkv_flex.tools.bundled import chat_prompt, load_problems
-
-    half = args.prompts // 2
-    problems = load_problems("gsm8k", half) + load_problems("math500", args.prompts - half)
-    prompts = [tokenizer(chat_prompt(tokenizer, p.question)).input_ids for p in problems]
+def workload(tokenizer, vocab: int, args) -> tuple[list[list[int]], list[int]]:
+    """The prompts (the bundled model's real ones, or random tokens of 64-192 for a random model) and each
+    request's output length."""
     rng = random.Random(args.seed)
+    if tokenizer is not None:
+        from rkv_flex.tools.bundled import chat_prompt, load_problems
+
+        half = args.prompts // 2
+        problems = load_problems("gsm8k", half) + load_problems("math500", args.prompts - half)
+        prompts = [tokenizer(chat_prompt(tokenizer, p.question)).input_ids for p in problems]
+    else:
+        prompts = [[rng.randrange(100, vocab - 1) for _ in range(rng.randint(64, 192))] for _ in range(args.prompts)]
     low, high = math.log(args.min_new), math.log(args.max_new)
     lengths = [round(math.exp(rng.uniform(low, high))) for _ in prompts]
     return prompts, lengths
+
+
+def load(args):
+    """The bundled SmolLM2 with its tokenizer, or a random model of a named shape (``--shape``) without one."""
+    if args.shape == "smollm2":
+        from rkv_flex.tools.bundled import load_model
+
+        return load_model(dtype=DTYPES[args.dtype], device=args.device)
+    from throughput import load as load_shape
+
+    return load_shape(args)[0], None
 
 
 def left_padded(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,6 +106,60 @@ def stock_static(model, prompts, lengths, batch: int, pad: int) -> dict:
     return {"latency": latency, "seconds": time.perf_counter() - start}
 
 
+@contextlib.contextmanager
+def phases() -> Iterator[dict[str, float]]:
+    """Seconds spent in each phase of the engine's work (class-level wrappers, so the engines rkv_flex.generate
+    keeps are measured too). On a CPU every call is synchronous, so wall time per call is the phase's cost."""
+    from rkv_flex.cache import RKVCache
+    from rkv_flex.engine import Engine
+
+    spent: dict[str, float] = {"prefill": 0.0, "compaction": 0.0, "step": 0.0, "collect": 0.0}
+    spent |= {"prefill calls": 0, "compaction calls": 0, "step calls": 0}
+    targets = {"prefill": (Engine, "_start"), "compaction": (RKVCache, "_compact_rows"), "step": (Engine, "_step")}
+    originals = {name: getattr(owner, attr) for name, (owner, attr) in targets.items()}
+    originals["collect"] = Engine._collect
+
+    def timed(name: str, function):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent[name] += time.perf_counter() - start
+                spent[f"{name} calls"] += 1
+
+        return wrapper
+
+    def collect(self, tokens):  # a generator: time each resumption, not the caller's work between them
+        events = originals["collect"](self, tokens)
+        while True:
+            start = time.perf_counter()
+            try:
+                event = next(events)
+            except StopIteration:
+                spent["collect"] += time.perf_counter() - start
+                return
+            spent["collect"] += time.perf_counter() - start
+            yield event
+
+    for name, (owner, attr) in targets.items():
+        setattr(owner, attr, timed(name, originals[name]))
+    Engine._collect = collect
+    try:
+        yield spent
+    finally:
+        for name, (owner, attr) in targets.items():
+            setattr(owner, attr, originals[name])
+        Engine._collect = originals["collect"]
+
+
+def profile(spent: dict[str, float], seconds: float) -> dict[str, float]:
+    """Seconds per phase; compactions run inside steps (planned at their start) and are counted apart."""
+    split = dict(spent, step=spent["step"] - spent["compaction"])
+    split["other"] = seconds - sum(value for name, value in split.items() if not name.endswith("calls"))
+    return split
+
+
 def rkv_static(model, prompts, lengths, batch: int, pad: int, warm_up: int) -> dict:
     from rkv_flex import generate
 
@@ -88,16 +167,20 @@ def rkv_static(model, prompts, lengths, batch: int, pad: int, warm_up: int) -> d
         ids, mask = left_padded([prompts[i] for i in rows], pad)
         generate(model, ids, mask, max_new_tokens=warm_up, eos_token_id=[], pad_token_id=pad)  # compiles
         generate(model, ids[:, -len(prompts[0]) :], None, max_new_tokens=warm_up, eos_token_id=[])  # rows in phase
-    latency, start = [0.0] * len(prompts), time.perf_counter()
-    for rows in in_batches(prompts, lengths, batch):
-        ids, mask = left_padded([prompts[i] for i in rows], pad)
-        generate(model, ids, mask, max_new_tokens=max(lengths[i] for i in rows), eos_token_id=[], pad_token_id=pad)
-        for i in rows:
-            latency[i] = time.perf_counter() - start
-    return {"latency": latency, "seconds": time.perf_counter() - start}
+    latency = [0.0] * len(prompts)
+    with phases() as spent:
+        start = time.perf_counter()
+        for rows in in_batches(prompts, lengths, batch):
+            ids, mask = left_padded([prompts[i] for i in rows], pad)
+            longest = max(lengths[i] for i in rows)
+            generate(model, ids, mask, max_new_tokens=longest, eos_token_id=[], pad_token_id=pad)
+            for i in rows:
+                latency[i] = time.perf_counter() - start
+        seconds = time.perf_counter() - start
+    return {"latency": latency, "seconds": seconds, "profile": profile(spent, seconds)}
 
 
-def rkv_engine(model, prompts, lengths, batch: int, pad: int, warm_up: int) -> dict:
+def rkv_engine(model, prompts, lengths, batch: int, pad: int, warm_up: int, order: str) -> dict:
     from rkv_flex import Engine
 
     latency = [0.0] * len(prompts)
@@ -105,12 +188,14 @@ def rkv_engine(model, prompts, lengths, batch: int, pad: int, warm_up: int) -> d
         # compile outside the clock: the step, compaction of one row and of all rows (rows in phase)
         engine.generate(prompts[:batch], max_new_tokens=warm_up, eos_token_id=[])
         engine.generate([prompts[0]] * batch, max_new_tokens=warm_up, eos_token_id=[])
-        start = time.perf_counter()
-        for event in engine.stream(prompts, max_new_tokens=lengths, eos_token_id=[], pad_token_id=pad):
-            if event.finished:
-                latency[event.index] = time.perf_counter() - start
-        seconds = time.perf_counter() - start
-    return {"latency": latency, "seconds": seconds}
+        with phases() as spent:
+            start = time.perf_counter()
+            events = engine.stream(prompts, max_new_tokens=lengths, eos_token_id=[], pad_token_id=pad, order=order)
+            for event in events:
+                if event.finished:
+                    latency[event.index] = time.perf_counter() - start
+            seconds = time.perf_counter() - start
+    return {"latency": latency, "seconds": seconds, "profile": profile(spent, seconds)}
 
 
 def hf_continuous(model, prompts, lengths, cap_bytes: int, shape: Shape) -> dict:
@@ -166,13 +251,16 @@ def run_path(path: str, args) -> dict:
     import resource
 
     from rkv_flex import patch_model
-    from rkv_flex.tools.bundled import load_model
 
     torch.set_grad_enabled(False)
-    model, tokenizer = load_model()
+    model, tokenizer = load(args)
     shape = Shape.of(model)
-    prompts, lengths = workload(tokenizer, args)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    vocab = model.get_output_embeddings().weight.shape[0]
+    prompts, lengths = workload(tokenizer, vocab, args)
+    if tokenizer is None:
+        pad = 0
+    else:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     cap = int(args.cap_gib * 2**30)
     longest = max(len(p) for p in prompts) + args.max_new
     full_batch = max(1, cap // (shape.kv_bytes_per_token * longest))
@@ -184,8 +272,9 @@ def run_path(path: str, args) -> dict:
         result = stock_static(model, prompts, lengths, full_batch, pad) | {"batch": full_batch}
     elif path == "rkv-static":
         result = rkv_static(model, prompts, lengths, rkv_batch, pad, warm_up) | {"batch": rkv_batch}
-    elif path == "rkv-engine":
-        result = rkv_engine(model, prompts, lengths, rkv_batch, pad, warm_up) | {"batch": rkv_batch}
+    elif path.startswith("rkv-engine"):
+        order = "given" if path == "rkv-engine-given" else "longest-first"
+        result = rkv_engine(model, prompts, lengths, rkv_batch, pad, warm_up, order) | {"batch": rkv_batch}
     else:
         result = hf_continuous(model, prompts, lengths, cap, shape)
     result["tokens"] = sum(lengths)
@@ -193,17 +282,26 @@ def run_path(path: str, args) -> dict:
     result["latency_p50"] = statistics.median(result["latency"])
     result["latency_p95"] = sorted(result["latency"])[math.ceil(0.95 * len(lengths)) - 1]
     result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if args.device == "cuda":
+        result["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+        result.pop("profile", None)  # its clocks time launches, not the GPU's work
     result["path"] = path
     return result
 
 
 def markdown(result: dict) -> str:
     args = result["args"]
+    env = result["environment"]
+    if args.get("shape", "smollm2") == "smollm2":
+        what, model = "GSM8K / MATH-500 prompts", "bundled SmolLM2-135M"
+    else:
+        what, model = "random prompts of 64-192 tokens", f"random-weight {args['shape']} ({args['layers']} layers)"
+    where = env.get("device") or f"{env['threads']} CPU threads"
     lines = [
-        f"{args['prompts']} GSM8K / MATH-500 prompts, max_new_tokens log-uniform in [{args['min_new']}, "
+        f"{args['prompts']} {what}, max_new_tokens log-uniform in [{args['min_new']}, "
         f"{args['max_new']}] (seed {args['seed']}, {result['tokens']} tokens in all, EOS never stops a request), "
-        f"KV cap {args['cap_gib']} GiB, rkv_flex budget {args['budget']} + buffer {args['buffer']}; bundled "
-        "SmolLM2-135M, fp32, 2 CPU cores.\n",
+        f"KV cap {args['cap_gib']} GiB, rkv_flex budget {args['budget']} + buffer {args['buffer']}; {model}, "
+        f"{args.get('dtype', 'float32')}, {where}.\n",
         "| path | rows | tokens/s | latency p50 (s) | latency p95 (s) | peak RSS (MiB) |",
         "|---|---|---|---|---|---|",
     ]
@@ -216,6 +314,22 @@ def markdown(result: dict) -> str:
             f"| {path} | {rows} | {row['tokens_per_s']:.1f} | {row['latency_p50']:.0f} | {row['latency_p95']:.0f} | "
             f"{row['peak_rss_bytes'] / 2**20:.0f} |"
         )
+    profiled = {path: row["profile"] for path, row in result["paths"].items() if "profile" in row}
+    if profiled:
+        lines += [
+            "\nWhere the wall time went (seconds, share; steps: forward and token choice, compactions apart):\n",
+            "| path | decode steps | compactions | prefills | collecting tokens | other |",
+            "|---|---|---|---|---|---|",
+        ]
+        for path, split in profiled.items():
+            total = sum(split[name] for name in ("step", "compaction", "prefill", "collect", "other"))
+            cells = [
+                f"{split[name]:.1f} ({100 * split[name] / total:.1f}%)"
+                for name in ("step", "compaction", "prefill", "collect", "other")
+            ]
+            cells[0] += f", {split['step calls']} steps"
+            cells[2] += f", {split['prefill calls']} prompts"
+            lines.append(f"| {path} | " + " | ".join(cells) + " |")
     lines.append("\n| target | measured | met |\n|---|---|---|")
     lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} |" for t in result["targets"]]
     return "\n".join(lines) + "\n"
@@ -231,6 +345,11 @@ def targets(paths: dict) -> list[dict]:
             found.append(
                 dict(target=f"rkv-engine >= {needed}x {other} tokens/s", measured=f"{ratio:.2f}x", met=ratio >= needed)
             )
+    p95, given_p95 = (paths.get(path, {}).get("latency_p95") for path in ("rkv-engine", "rkv-engine-given"))
+    if p95 and given_p95:
+        measured = f"{p95:.0f} s against {given_p95:.0f} s"
+        target = "rkv-engine p95 latency <= rkv-engine-given's"
+        found.append(dict(target=target, measured=measured, met=p95 <= given_p95))
     return found
 
 
@@ -256,6 +375,10 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--shape", default="smollm2", choices=["smollm2", *SHAPES], help="a random model of this shape")
+    parser.add_argument("--layers", type=int, default=None, help="override the shape's layer count")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--min-new", type=int, default=128)
     parser.add_argument("--max-new", type=int, default=4096)
@@ -287,6 +410,8 @@ def main(argv=None) -> int:
         print(path, {k: v for k, v in paths[path].items() if k != "latency"}, flush=True)
     tokens = next((row["tokens"] for row in paths.values() if "tokens" in row), 0)
     result = {"args": vars(args), "environment": environment(), "paths": paths, "tokens": tokens}
+    if args.device == "cuda":
+        result["environment"]["device"] = torch.cuda.get_device_name()
     result["minutes"] = (time.perf_counter() - started) / 60
     result["targets"] = targets(paths)
     publish(args.out, result, markdown, plot)
