@@ -11,6 +11,9 @@ parent adds a line per part to ``<out>/gpu-summary.json`` at once, so a part tha
   scoring     one layer's compaction (R-KV scores and selection) at batch 64 and 2176 slots of the
               R1-Distill-Llama-8B layer shape: time and peak memory
   throughput  bench/throughput.py in miniature on R1-Distill-Llama-8B's shape (bf16, --layers layers)
+  serving     bench/serving.py on the same shape: 64 random prompts with outputs of 64-2048 tokens under a 1 GiB KV
+              cap, stock static batches, transformers' continuous batching and the engine (not in the default
+              parts: it is a second device call, see bench/gpu_check.sh)
 
 On a CUDA device, inductor's ``triton.cudagraph_or_error`` is set: a CUDA graph that would be skipped fails loudly.
 
@@ -30,7 +33,8 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 REQUIRED_TRANSFORMERS = "5.24.0"
-PARTS = {"env": 60, "tests": 240, "fold": 90, "scoring": 90, "throughput": 300}  # seconds each may take
+PARTS = {"env": 60, "tests": 240, "fold": 90, "scoring": 90, "throughput": 300, "serving": 480}  # seconds each
+DEFAULT_PARTS = "env,tests,fold,scoring,throughput"  # one device call; "env,serving" is the second
 
 
 def write(out: Path, name: str, payload: dict) -> None:
@@ -213,6 +217,27 @@ def part_throughput(args) -> dict:
     return result
 
 
+def part_serving(args) -> dict:
+    if args.dry_run:
+        shape = ["--shape", "tiny", "--prompts", "6", "--min-new", "8", "--max-new", "24", "--budget", "16"]
+        shape += ["--buffer", "8", "--cap-gib", "0.0005"]
+    else:
+        shape = ["--shape", "r1-llama-8b", "--layers", str(args.layers), "--prompts", "64", "--min-new", "64"]
+        shape += ["--max-new", "2048", "--budget", "256", "--buffer", "128", "--cap-gib", "1"]
+    name = "gpu-serving-run"
+    command = [sys.executable, str(HERE / "serving.py"), "--device", args.device, *shape, "--out", name]
+    command += ["--dtype", "bfloat16" if args.device == "cuda" else "float32"]
+    command += ["--paths", "stock-static", "hf-continuous", "rkv-engine"]
+    done = subprocess.run(command, cwd=HERE.parent, capture_output=True, text=True)
+    produced = HERE / "results" / f"{name}.json"
+    result = {"returncode": done.returncode, "log_tail": (done.stdout + done.stderr)[-4000:]}
+    if produced.exists():
+        result["result"] = json.loads(produced.read_text())
+        for suffix in (".json", ".md", ".png"):
+            (HERE / "results" / f"{name}{suffix}").unlink(missing_ok=True)
+    return result
+
+
 def run_part(name: str, args) -> None:
     strict(args.device)
     result = globals()[f"part_{name}"](args)
@@ -225,7 +250,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes, for a rehearsal on a CPU")
     parser.add_argument("--layers", type=int, default=8, help="layers of the R1-Distill-Llama-8B shape to build")
-    parser.add_argument("--parts", default=",".join(PARTS))
+    parser.add_argument("--parts", default=DEFAULT_PARTS)
     parser.add_argument("--part", help=argparse.SUPPRESS)  # internal: run one part in this process
     args = parser.parse_args(argv)
     if args.part:

@@ -9,10 +9,13 @@
 #     -d .whl transformers==5.24.0 regex==2026.11.19 attn-gym==0.0.17
 # then, one call of about six minutes (the parts' limits add up to 12.5; a healthy run takes about half):
 #   run(command="bash bench/gpu_check.sh $OUT", carry=[".whl"], timeout_s=600)
+# and, if device time is left, a second for serving under a KV cap (about five minutes; its limit is eight):
+#   run(command="bash bench/gpu_check.sh $OUT env,serving", carry=[".whl"], timeout_s=600)
 # and commit what comes back into bench/results/ (gpu-*.json, gpu-check.log). Rehearse here first:
 #   python bench/gpu_check.py --device cpu --dry-run --out /tmp/gpu-dry
 set -uo pipefail
-OUT="${1:?usage: bash bench/gpu_check.sh OUT}"
+OUT="${1:?usage: bash bench/gpu_check.sh OUT [PARTS]}"
+PARTS="${2:-env,tests,fold,scoring,throughput}"
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -21,4 +24,4 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 export PYTHONPATH="$PWD/src:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu-check.log"
-python3 bench/gpu_check.py --out "$OUT" 2>&1 | tee -a "$OUT/gpu-check.log"
+python3 bench/gpu_check.py --out "$OUT" --parts "$PARTS" 2>&1 | tee -a "$OUT/gpu-check.log"
