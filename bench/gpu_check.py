@@ -183,10 +183,8 @@ def part_scoring(args) -> dict:
 
 def part_throughput(args) -> dict:
     shape = ["--shape", "tiny"] if args.dry_run else ["--shape", "r1-llama-8b", "--layers", str(args.layers)]
-    name = "gpu-throughput-run"
-    command = [
-        sys.executable,
-        str(HERE / "throughput.py"),
+    return run_benchmark(
+        "throughput.py",
         "--device",
         args.device,
         *shape,
@@ -204,17 +202,7 @@ def part_throughput(args) -> dict:
         "1024" if args.dry_run else "4096",
         "--max-batch",
         "16" if args.dry_run else "256",
-        "--out",
-        name,
-    ]
-    done = subprocess.run(command, cwd=HERE.parent, capture_output=True, text=True)
-    produced = HERE / "results" / f"{name}.json"
-    result = {"returncode": done.returncode, "log_tail": (done.stdout + done.stderr)[-4000:]}
-    if produced.exists():
-        result["result"] = json.loads(produced.read_text())
-        for suffix in (".json", ".md", ".png"):
-            (HERE / "results" / f"{name}{suffix}").unlink(missing_ok=True)
-    return result
+    )
 
 
 def part_serving(args) -> dict:
@@ -224,10 +212,16 @@ def part_serving(args) -> dict:
     else:
         shape = ["--shape", "r1-llama-8b", "--layers", str(args.layers), "--prompts", "64", "--min-new", "64"]
         shape += ["--max-new", "2048", "--budget", "256", "--buffer", "128", "--cap-gib", "1"]
-    name = "gpu-serving-run"
-    command = [sys.executable, str(HERE / "serving.py"), "--device", args.device, *shape, "--out", name]
-    command += ["--dtype", "bfloat16" if args.device == "cuda" else "float32"]
-    command += ["--paths", "stock-static", "hf-continuous", "rkv-engine"]
+    dtype = "bfloat16" if args.device == "cuda" else "float32"
+    paths = ["stock-static", "hf-continuous", "rkv-engine"]
+    return run_benchmark("serving.py", "--device", args.device, *shape, "--dtype", dtype, "--paths", *paths)
+
+
+def run_benchmark(script: str, *options: str) -> dict:
+    """Run a bench/ script in its own process; its exit status, log tail and result (its files are removed: the
+    part's JSON holds it)."""
+    name = f"gpu-{Path(script).stem}-run"
+    command = [sys.executable, str(HERE / script), *options, "--out", name]
     done = subprocess.run(command, cwd=HERE.parent, capture_output=True, text=True)
     produced = HERE / "results" / f"{name}.json"
     result = {"returncode": done.returncode, "log_tail": (done.stdout + done.stderr)[-4000:]}

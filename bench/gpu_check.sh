@@ -14,8 +14,7 @@
 # and commit what comes back into bench/results/ (gpu-*.json, gpu-check.log). Rehearse here first:
 #   python bench/gpu_check.py --device cpu --dry-run --out /tmp/gpu-dry
 set -uo pipefail
-OUT="${1:?usage: bash bench/gpu_check.sh OUT [PARTS]}"
-PARTS="${2:-env,tests,fold,scoring,throughput}"
+OUT="${1:?usage: bash bench/gpu_check.sh OUT [PARTS]}"  # PARTS: gpu_check.py's default unless given
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -24,4 +23,4 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 export PYTHONPATH="$PWD/src:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu-check.log"
-python3 bench/gpu_check.py --out "$OUT" --parts "$PARTS" 2>&1 | tee -a "$OUT/gpu-check.log"
+python3 bench/gpu_check.py --out "$OUT" ${2:+--parts "$2"} 2>&1 | tee -a "$OUT/gpu-check.log"
