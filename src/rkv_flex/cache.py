@@ -44,6 +44,7 @@ class LayerSpec:
     rope: Rope | None = None  # the layer's rotation (TriAttention's score needs it)
     statistics: tuple[Tensor, Tensor] | None = None  # calibrated query centre [Hq, D] and magnitudes [Hq, D/2]
     latent: int | None = None  # MLA: the latent's channels; the key is [latent, rope key], the value the latent
+    with_state: bool = False  # a Mamba mixer runs beside this attention and keeps its state in the same cache layer
 
 
 @dataclass(frozen=True)
@@ -441,6 +442,41 @@ class SharedKVLayer(CacheLayerMixin):
         pass
 
 
+class AttentionBesideState(StateLayer, CacheLayerMixin):
+    """A layer that runs attention and a Mamba mixer side by side (Falcon-H1): transformers' model reads both from
+    one cache layer, so this is the mixer's state layer and an attention layer whose keys and values go to its
+    :class:`RKVLayer`."""
+
+    is_compileable = True
+    is_sliding = False
+
+    def __init__(self, attention: RKVLayer):
+        CacheLayerMixin.__init__(self)
+        StateLayer.__init__(self, attention.shared, attention.index)
+        self.attention = attention
+        self.is_initialized = True
+
+    def update(self, key_states: Tensor, value_states: Tensor, kwargs: dict) -> tuple[Tensor, Tensor]:
+        return self.attention.update(key_states, value_states, kwargs)
+
+    def get_seq_length(self) -> int:
+        return self.attention.get_seq_length()
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.attention.get_mask_sizes(query_length)
+
+    def get_max_length(self) -> int:
+        return self.attention.get_max_length()
+
+    def reset(self) -> None:
+        super().reset()
+        self.attention.reset()
+
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        super().reorder_cache(beam_idx)
+        self.attention.reorder_cache(beam_idx)
+
+
 def _with_capacity(config: RKVConfig, capacity: int) -> RKVConfig:
     """``config`` with slots for ``capacity`` tokens (a cache that never evicts, sized to the whole generation)."""
     return replace(config, buffer=capacity - config.budget)
@@ -488,10 +524,16 @@ class RKVCache(Cache):
                 built.append(StateLayer(self.shared, index))
             elif isinstance(spec, SharesKV):
                 built.append(SharedKVLayer(built[spec.source]))
+            elif spec.with_state:
+                built.append(AttentionBesideState(RKVLayer(config, self.policy, spec, self.shared, index)))
             else:
                 built.append(RKVLayer(config, self.policy, spec, self.shared, index))
-        super().__init__(layers=built)
-        self.attention: list[RKVLayer] = [layer for layer in self.layers if isinstance(layer, RKVLayer)]
+        Cache.__init__(self, layers=built)  # by name: a subclass may put another cache class after this one
+        self.attention: list[RKVLayer] = [
+            layer.attention if isinstance(layer, AttentionBesideState) else layer
+            for layer in self.layers
+            if isinstance(layer, (RKVLayer, AttentionBesideState))
+        ]
         self.sources: list[RKVLayer] = [layer for layer in self.attention if layer.has_readers]  # KV sharing
         self.states: list[StateLayer] = [layer for layer in self.layers if isinstance(layer, StateLayer)]
         self.planner: Planner | None = None

@@ -41,6 +41,7 @@ class Architecture:
     nope: bool = False  # some layers use no rotary embedding: their keys are cached as computed
     moe: bool = False  # mixture-of-experts feed-forward: nothing for the cache to do
     states: bool = False  # hybrid: some layers keep a constant-size state (linear attention, Mamba, convolution)
+    beside: bool = False  # each layer runs attention and a Mamba mixer side by side: one cache layer holds both
     shares_kv: bool = False  # later layers attend an earlier layer's keys and values: they read its kept set
     latent: bool = False  # multi-head latent attention: one latent head, queries absorbed (latent.py)
 
@@ -83,6 +84,8 @@ ARCHITECTURES = {
     "lfm2": Architecture(states=True),
     "nemotron_h": Architecture(states=True, moe=True),
     "granitemoehybrid": Architecture(states=True, moe=True),
+    "falcon_h1": Architecture(states=True, beside=True),
+    "minimax": Architecture(states=True, moe=True),  # lightning attention: MiniMaxCache's state (lightning.py)
     "deepseek_v2": Architecture(latent=True, moe=True),
     "deepseek_v3": Architecture(latent=True, moe=True),
     "glm4_moe_lite": Architecture(latent=True, moe=True),
@@ -95,10 +98,6 @@ REFUSED = {
     "glm_moe_dsa": "its sparse-attention indexer (DeepSeek-V3.2's) caches keys of its own for every token and picks "
     "the tokens each query reads from them; evicting latents without those keys (or both consistently) is not built",
     "gemma3": "this is the multimodal Gemma 3; load its text model, Gemma3ForCausalLM (model type gemma3_text)",
-    "minimax": "MiniMax-Text-01 keeps its lightning-attention state in a cache class of its own (MiniMaxCache), "
-    "which the model requires",
-    "falcon_h1": "each Falcon-H1 layer runs attention and a Mamba mixer side by side in one cache layer; rkv_flex "
-    "serves layers that are either attention or a constant-size state",
     "exaone4_5": "this is the multimodal EXAONE 4.5, whose prompts carry image features; its text decoder is "
     "EXAONE 4.0 "
     "(model type exaone4), which rkv_flex serves",
@@ -298,7 +297,7 @@ def unpatch_model(model: Any) -> Any:
     return model
 
 
-ATTENTION_KINDS = ("full_attention", "sliding_attention")
+ATTENTION_KINDS = ("full_attention", "sliding_attention", "hybrid")  # hybrid: attention beside a Mamba mixer
 STATE_KINDS = ("linear_attention", "conv", "mamba", "mlp", "moe")  # a constant-size state, or none at all
 
 
@@ -331,7 +330,7 @@ def layer_specs(
     if getattr(text, "layer_types", None) is None:  # one window (or none) for every layer
         kinds = ["sliding_attention" if window is not None else "full_attention"] * len(kinds)
     sinks = ARCHITECTURES.get(model.config.model_type, Architecture()).sinks
-    windows = {"full_attention": None, "sliding_attention": window}
+    windows = {"full_attention": None, "sliding_attention": window, "hybrid": None}
     kv_heads, _ = layer_shapes(text)
     sources = kv_sources(text, kinds)
     latent = latent_config(text)
@@ -344,7 +343,7 @@ def layer_specs(
             group = text.num_attention_heads // kv_heads[index]
             rope = None if ropes is None else ropes[index]
             calibrated = None if statistics is None else statistics[index]
-            specs.append(LayerSpec(group, windows[kind], sinks, rope, calibrated, rank))
+            specs.append(LayerSpec(group, windows[kind], sinks, rope, calibrated, rank, with_state=kind == "hybrid"))
         else:
             specs.append(None)
     return specs
@@ -431,7 +430,10 @@ def make_cache(model: Any) -> RKVCache:
     """A fresh slot cache for a patched model, for callers that run ``model(...)`` themselves or keep a
     conversation's cache across ``generate`` calls."""
     record = patch_record(model)
-    return RKVCache(record.config, layer_specs(model, record.ropes, record.statistics), record.kernels)
+    cache_class = RKVCache
+    if model.config.model_type == "minimax":  # its model accepts only its own cache class
+        from .lightning import LightningCache as cache_class
+    return cache_class(record.config, layer_specs(model, record.ropes, record.statistics), record.kernels)
 
 
 def check_prompt(input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> None:

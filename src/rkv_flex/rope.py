@@ -104,7 +104,7 @@ class RopeUnreadable(ValueError):
     R-KV)."""
 
 
-ATTENTION = ("full_attention", "sliding_attention")
+ATTENTION = ("full_attention", "sliding_attention", "hybrid")  # hybrid: attention beside a Mamba mixer
 # Models whose attention layers never rotate when they have no rotary module (Granite 4.0-H with
 # position_embedding_type other than "rope"; Nemotron-H's attention has no RoPE at all)
 WITHOUT_ROPE = ("granitemoehybrid", "nemotron_h")
