@@ -19,6 +19,7 @@ def test_the_scoring_core_imports_and_scores_without_transformers():
         from rkv_flex.policies import SlotState, make_policy
         from rkv_flex.rope import Rope
         from rkv_flex.scoring import select_keep
+        from rkv_flex.vllm_plugin import lengths, pages  # what the vLLM plugin computes with
 
         torch.manual_seed(0)
         batch, kv_heads, heads, slots, dim = 2, 2, 4, 12, 8
