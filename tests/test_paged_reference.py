@@ -1,0 +1,35 @@
+"""The naive reference the vLLM plugin is checked against (tests/paged_reference.py) keeps what rkv_flex's
+transformers path keeps: the same greedy tokens and, at the end, the same positions in every layer and KV head."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+from paged_reference import reference_decode
+
+from rkv_flex import RKVConfig, make_cache, patch_model, unpatch_model
+
+
+@pytest.mark.parametrize(
+    "arch,prompt_length,budget,buffer",
+    [("llama", 9, 12, 6), ("qwen2", 30, 12, 6), ("qwen3", 23, 16, 4)],  # prompt within / beyond the capacity
+)
+def test_the_reference_keeps_what_the_transformers_path_keeps(arch, prompt_length, budget, buffer):
+    model = tiny_model(arch, seed=4)
+    prompt = torch.randint(3, 256, (prompt_length,), generator=torch.Generator().manual_seed(4)).tolist()
+    config = RKVConfig(budget=budget, buffer=buffer, window=4, policy="rkv", prefill_chunk=None)
+    tokens, positions = reference_decode(model, prompt, 40, config, plan_past_end=True)
+
+    patch_model(model, config)
+    cache = make_cache(model)
+    out = model.generate(
+        input_ids=torch.tensor([prompt]), max_new_tokens=40, min_new_tokens=40, do_sample=False, cache=cache
+    )
+    assert out[0, prompt_length:].tolist() == tokens
+    assert cache.compactions >= 3
+    for layer, attention in enumerate(cache.attention):
+        slots = attention.slots
+        held = [slots.pos[0, head][slots.valid[0, head]].sort().values for head in range(slots.pos.shape[1])]
+        assert torch.equal(torch.stack(held), positions[layer].sort(dim=1).values)
+    unpatch_model(model)

@@ -1,0 +1,115 @@
+"""The vLLM plugin inside vLLM 0.32's CPU build (``nox -s vllm``; skipped where vLLM is not installed). Tiny random
+models saved to disk; one engine per setting, in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so the test can
+read the scheduler's and the worker's state. With nothing evicted the tokens equal stock vLLM's; with eviction the
+tokens and each request's kept positions equal the naive reference (tests/paged_reference.py), which
+test_paged_reference.py shows equal to rkv_flex's transformers path."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+vllm = pytest.importorskip("vllm")
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
+import torch  # noqa: E402
+from paged_reference import reference_decode  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+from vllm import LLM, SamplingParams  # noqa: E402
+from vllm.inputs import TokensPrompt  # noqa: E402
+
+from rkv_flex import RKVConfig  # noqa: E402
+
+SHAPE = dict(
+    hidden_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,  # the smallest head vLLM's CPU attention serves
+    num_hidden_layers=2,
+    intermediate_size=128,
+    vocab_size=256,
+    max_position_embeddings=4096,
+    initializer_range=0.1,
+    tie_word_embeddings=False,
+)
+BLOCK = 32
+SETTINGS = dict(budget=40, buffer=8, window=4)  # 48 slots: one compaction every 8 decoding tokens
+NEW = 70
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """model type -> a directory holding a tiny random model of it."""
+    paths = {}
+    for model_type in ("llama", "qwen2", "qwen3"):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **SHAPE)).eval()
+        paths[model_type] = tmp_path_factory.mktemp(model_type)
+        model.save_pretrained(paths[model_type])
+    return paths
+
+
+def engine(path, settings: dict | None, **options) -> LLM:
+    extra = {} if settings is None else {"additional_config": {"rkv_flex": settings}}
+    return LLM(
+        model=str(path),
+        skip_tokenizer_init=True,
+        dtype="float32",
+        enforce_eager=True,
+        block_size=BLOCK,
+        enable_prefix_caching=False,
+        **extra,
+        **options,
+    )
+
+
+def generate(llm: LLM, prompts: list[list[int]], new_tokens: list[int]) -> list[list[int]]:
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, detokenize=False) for n in new_tokens]
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    return [list(output.outputs[0].token_ids) for output in outputs]
+
+
+def sides(llm: LLM):
+    core = llm.llm_engine.engine_core.engine_core
+    return core.scheduler._rkv_flex, core.model_executor.driver_worker.worker.model_runner._rkv_flex
+
+
+def prompts_of(lengths: list[int], seed: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 256, (n,), generator=generator).tolist() for n in lengths]
+
+
+def test_with_nothing_evicted_the_plugin_decodes_as_stock_vllm(saved):
+    prompts, new = prompts_of([6, 37, 70], seed=1), [60, 45, 60]
+    stock = generate(engine(saved["llama"], None), prompts, new)
+    plugin = engine(saved["llama"], dict(budget=200, buffer=8))
+    assert generate(plugin, prompts, new) == stock
+    scheduler, worker = sides(plugin)
+    assert scheduler.freed == 0 and all(r.compactions == 0 for r in worker.retired.values())
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
+def test_with_eviction_tokens_and_kept_positions_equal_the_reference(saved, model_type):
+    """Requests of different lengths at once, a prompt longer than budget + buffer among them; KV blocks return to
+    the pool while requests go on, and all of them at the end."""
+    llm = engine(saved[model_type], SETTINGS)
+    pool = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_manager.block_pool
+    free_at_start = pool.get_num_free_blocks()
+    lengths, new = [6, 37, 70, 12, 3], [NEW, 50, NEW, 45, NEW]  # each beyond budget + buffer
+    prompts = prompts_of(lengths, seed=2)
+    got = generate(llm, prompts, new)
+    scheduler, worker = sides(llm)
+    assert scheduler.freed > 0 and pool.get_num_free_blocks() == free_at_start
+
+    model = AutoModelForCausalLM.from_pretrained(saved[model_type], dtype=torch.float32).eval()
+    config = RKVConfig(policy="rkv", prefill_chunk=None, **SETTINGS)
+    retired = [*worker.retired.values(), *worker.requests.values()]  # the last to finish are not told yet
+    for prompt, tokens, n in zip(prompts, got, new, strict=True):
+        request = next(r for r in retired if sum(r.steps) == len(prompt) + n - 1)
+        pieces = request.steps[: len(request.steps) - (n - 1)]  # the prompt as vLLM's scheduler cut it
+        expected, positions = reference_decode(model, prompt, n, config, prompt_pieces=pieces)
+        assert tokens == expected
+        assert request.compactions >= 1
+        for layer, held in positions.items():
+            assert torch.equal(request.positions[layer].sort(dim=1).values, held.sort(dim=1).values)
