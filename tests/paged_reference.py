@@ -19,6 +19,10 @@ _recorded: dict[int, tuple[torch.Tensor, float]] = {}  # layer -> (its last forw
 
 def _recording_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
     _recorded[module.layer_idx] = (query.detach().clone(), scaling)
+    if attention_mask is None:  # one request, no padding: causal, aligned to the newest key (a chunk after a cache)
+        new, held = query.shape[2], key.shape[2]
+        attention_mask = torch.arange(held)[None, :] <= torch.arange(held - new, held)[:, None]
+        attention_mask = attention_mask[None, None]
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 
 

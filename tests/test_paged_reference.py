@@ -12,14 +12,29 @@ from rkv_flex import RKVConfig, make_cache, patch_model, unpatch_model
 
 
 @pytest.mark.parametrize(
-    "arch,prompt_length,budget,buffer",
-    [("llama", 9, 12, 6), ("qwen2", 30, 12, 6), ("qwen3", 23, 16, 4)],  # prompt within / beyond the capacity
+    "arch,prompt_length,budget,buffer,chunk",
+    [
+        ("llama", 9, 12, 6, None),  # the prompt within the capacity
+        ("qwen2", 30, 12, 6, None),  # beyond it
+        ("qwen3", 23, 16, 4, None),
+        ("qwen2", 30, 12, 6, 5),  # in chunks shorter than buffer: compacted first
+        # longer: attended with what is held, then compacted. The transformers path stages a chunk after the free
+        # slots (a fixed shape), so R-KV's max-pooling sees free slots where the reference sees the chunk's first
+        # tokens; without pooling (kernel 1) the two keep the same
+        ("llama", 50, 12, 6, 8),
+    ],
 )
-def test_the_reference_keeps_what_the_transformers_path_keeps(arch, prompt_length, budget, buffer):
+def test_the_reference_keeps_what_the_transformers_path_keeps(arch, prompt_length, budget, buffer, chunk):
     model = tiny_model(arch, seed=4)
     prompt = torch.randint(3, 256, (prompt_length,), generator=torch.Generator().manual_seed(4)).tolist()
-    config = RKVConfig(budget=budget, buffer=buffer, window=4, policy="rkv", prefill_chunk=None)
-    tokens, positions = reference_decode(model, prompt, 40, config, plan_past_end=True)
+    kernel = 1 if chunk is not None and chunk > buffer else 7
+    config = RKVConfig(budget=budget, buffer=buffer, window=4, policy="rkv", prefill_chunk=chunk, kernel=kernel)
+    pieces = (
+        None
+        if chunk is None
+        else [chunk] * (prompt_length // chunk) + [prompt_length % chunk] * bool(prompt_length % chunk)
+    )
+    tokens, positions = reference_decode(model, prompt, 40, config, plan_past_end=True, prompt_pieces=pieces)
 
     patch_model(model, config)
     cache = make_cache(model)

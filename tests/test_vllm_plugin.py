@@ -59,6 +59,7 @@ def engine(path, settings: dict | None, **options) -> LLM:
         enforce_eager=True,
         block_size=BLOCK,
         enable_prefix_caching=False,
+        gpu_memory_utilization=0.25,  # on the CPU backend, the share of host memory vLLM claims at start
         **extra,
         **options,
     )
@@ -102,14 +103,104 @@ def test_with_eviction_tokens_and_kept_positions_equal_the_reference(saved, mode
     scheduler, worker = sides(llm)
     assert scheduler.freed > 0 and pool.get_num_free_blocks() == free_at_start
 
-    model = AutoModelForCausalLM.from_pretrained(saved[model_type], dtype=torch.float32).eval()
+    assert_equal_to_the_reference(saved[model_type], worker, prompts, got, new)
+
+
+def assert_equal_to_the_reference(path, worker, prompts, got, new, skip=()):
+    """Each request's tokens and kept positions equal the reference's, its prompt read in the pieces vLLM's
+    scheduler cut it into (requests in ``skip``, by index, are not compared)."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     config = RKVConfig(policy="rkv", prefill_chunk=None, **SETTINGS)
-    retired = [*worker.retired.values(), *worker.requests.values()]  # the last to finish are not told yet
-    for prompt, tokens, n in zip(prompts, got, new, strict=True):
-        request = next(r for r in retired if sum(r.steps) == len(prompt) + n - 1)
+    states = [*worker.retired.values(), *worker.requests.values()]  # the last to finish are not told yet
+    for index, (prompt, tokens, n) in enumerate(zip(prompts, got, new, strict=True)):
+        if index in skip:
+            continue
+        request = next(r for r in states if sum(r.steps) == len(prompt) + n - 1)
         pieces = request.steps[: len(request.steps) - (n - 1)]  # the prompt as vLLM's scheduler cut it
         expected, positions = reference_decode(model, prompt, n, config, prompt_pieces=pieces)
         assert tokens == expected
         assert request.compactions >= 1
         for layer, held in positions.items():
-            assert torch.equal(request.positions[layer].sort(dim=1).values, held.sort(dim=1).values)
+            kept = request.positions(layer, held.shape[0])
+            assert torch.equal(kept.sort(dim=1).values, held.sort(dim=1).values)
+
+
+def test_prompts_read_in_chunks_beyond_budget_plus_buffer_equal_the_reference(saved):
+    """vLLM cuts prompts into chunks of its token budget per step, shared with the decoding requests: chunks
+    longer than ``buffer`` (attended with everything held, then compacted) and shorter ones (compacted first)."""
+    llm = engine(saved["llama"], SETTINGS, max_num_batched_tokens=32, max_num_seqs=4)
+    lengths, new = [100, 61, 9, 75], [40, NEW, 50, 45]
+    prompts = prompts_of(lengths, seed=3)
+    got = generate(llm, prompts, new)
+    _, worker = sides(llm)
+    states = [*worker.retired.values(), *worker.requests.values()]
+    assert any(max(r.steps) > SETTINGS["buffer"] and len(r.steps) > max(new) for r in states)  # chunked prompts
+    assert any(1 < piece <= SETTINGS["buffer"] for r in states for piece in r.steps)
+    assert_equal_to_the_reference(saved["llama"], worker, prompts, got, new)
+
+
+def test_an_aborted_request_gives_its_blocks_back_and_the_others_go_on(saved):
+    llm = engine(saved["llama"], SETTINGS)
+    engine_core = llm.llm_engine
+    pool = engine_core.engine_core.engine_core.scheduler.kv_cache_manager.block_pool
+    free_at_start = pool.get_num_free_blocks()
+    prompts = prompts_of([20, 33, 7], seed=4)
+    params = SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True, detokenize=False)
+    for index, prompt in enumerate(prompts):
+        engine_core.add_request(str(index), TokensPrompt(prompt_token_ids=prompt), params)
+    done, steps = {}, 0
+    while engine_core.has_unfinished_requests():
+        for output in engine_core.step():
+            if output.finished:
+                done[output.request_id] = list(output.outputs[0].token_ids)
+        steps += 1
+        if steps == 40:  # past two compactions of every request
+            engine_core.abort_request(["1"])
+    assert "1" not in done or len(done["1"]) < NEW
+    assert pool.get_num_free_blocks() == free_at_start
+    _, worker = sides(llm)
+    kept = [done["0"], done["2"]]
+    assert_equal_to_the_reference(saved["llama"], worker, [prompts[0], prompts[2]], kept, [NEW, NEW])
+
+
+def test_preempted_requests_are_recomputed_and_finish_within_a_small_pool(saved):
+    """Too few blocks for every request at once: vLLM preempts (frees everything, recomputes from the first token),
+    the plugin starts such a request over, and every request finishes; blocks all come back."""
+    llm = engine(saved["llama"], SETTINGS, num_gpu_blocks_override=8, max_num_batched_tokens=64, max_model_len=224)
+    pool = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_manager.block_pool
+    free_at_start = pool.get_num_free_blocks()
+    lengths, new = [120, 30, 140, 25, 110, 60], [NEW] * 6
+    prompts = prompts_of(lengths, seed=5)
+    got = generate(llm, prompts, new)
+    scheduler, worker = sides(llm)
+    assert scheduler.preemptions >= 1 and all(len(tokens) == NEW for tokens in got)
+    assert pool.get_num_free_blocks() == free_at_start
+    states = [*worker.retired.values(), *worker.requests.values()]
+    assert any(r.recomputed for r in states)
+    never = [i for i, p in enumerate(prompts) for r in states if not r.recomputed and sum(r.steps) == len(p) + NEW - 1]
+    assert never, "no request ran without preemption"
+    skip = [i for i in range(len(prompts)) if i not in never]
+    assert_equal_to_the_reference(saved["llama"], worker, prompts, got, new, skip=skip)
+
+
+@pytest.mark.parametrize(
+    "options,reason",
+    [
+        (dict(enable_prefix_caching=True), "prefix caching is on"),
+        (dict(kv_cache_dtype="fp8"), "KV cache is quantized"),
+    ],
+)
+def test_engines_the_plugin_cannot_serve_are_refused_before_loading(saved, options, reason):
+    settings = {"additional_config": {"rkv_flex": SETTINGS}}
+    base = dict(
+        skip_tokenizer_init=True, dtype="float32", enforce_eager=True, block_size=BLOCK, gpu_memory_utilization=0.25
+    )
+    with pytest.raises(Exception, match=reason):
+        LLM(model=str(saved["llama"]), **{**base, "enable_prefix_caching": False, **options}, **settings)
+
+
+def test_bad_settings_are_refused_by_name(saved):
+    with pytest.raises(Exception, match=r"does not take \['prefill_chunk'\]"):
+        engine(saved["llama"], dict(SETTINGS, prefill_chunk=64))
+    with pytest.raises(Exception, match="scores with"):
+        engine(saved["llama"], dict(SETTINGS, policy="h2o"))

@@ -22,6 +22,7 @@ class SchedulerSide:
         self.scheduler, self.settings = scheduler, settings
         self.held: dict[str, int] = {}  # request id -> slots held after its last scheduled step
         self.freed = 0  # blocks given back while their request went on
+        self.preemptions = 0
         coordinator = scheduler.kv_cache_manager.coordinator
         for name in ("get_num_blocks_to_allocate", "allocate_new_blocks"):
             setattr(coordinator, name, self.counted_by_slots(getattr(coordinator, name)))
@@ -56,6 +57,7 @@ class SchedulerSide:
         """After ``schedule()``: advance each scheduled request's length and give back blocks it no longer needs."""
         for request_id in output.finished_req_ids:
             self.held.pop(request_id, None)
+        self.preemptions += 1
         managers = self.scheduler.kv_cache_manager.coordinator.single_type_managers
         for request_id, new_tokens in output.num_scheduled_tokens.items():
             step = next_step(self.held.get(request_id, 0), new_tokens, self.settings.budget, self.settings.buffer)
@@ -75,3 +77,4 @@ class SchedulerSide:
     def preempted(self, request_id: str) -> None:
         """vLLM frees every block of a preempted request and later recomputes it as a prompt."""
         self.held.pop(request_id, None)
+        self.preemptions += 1

@@ -9,6 +9,7 @@ forward, each attention layer hands over the newest queries of each request, whi
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,10 +32,18 @@ class RequestSlots:
 
     held: int = 0  # slots written
     compact_pending: bool = False  # the last step attended beyond the capacity: keep ``budget`` before anything
-    positions: dict[int, Tensor] = field(default_factory=dict)  # layer -> [Hkv, held] token position of each slot
+    kept: dict[int, Tensor] = field(default_factory=dict)  # layer -> [Hkv, k] positions kept by the last compaction
+    appended: list[Tensor] = field(default_factory=list)  # positions written since, the same in every layer and head
     queries: dict[int, Tensor] = field(default_factory=dict)  # layer -> [Hq, <= window, D] newest queries
+    recording: bool = False  # this step's queries may be among the newest ``window`` at the next compaction
     steps: list[int] = field(default_factory=list)  # tokens each of its steps fed (prompt chunks, then ones)
     compactions: int = 0
+    recomputed: int = 0  # times vLLM preempted it and read it again from its first token
+
+    def positions(self, layer: int, kv_heads: int) -> Tensor:
+        """[Hkv, held]: the token position each slot of ``layer`` holds."""
+        kept = self.kept.get(layer, torch.zeros(kv_heads, 0, dtype=torch.long))
+        return torch.cat([kept, *(fresh.expand(kv_heads, -1) for fresh in self.appended)], dim=1)
 
 
 class WorkerSide:
@@ -55,10 +64,10 @@ class WorkerSide:
                 self.retired[request_id] = self.requests.pop(request_id)
         while len(self.retired) > RETIRED_KEPT:
             del self.retired[next(iter(self.retired))]
-        for request in output.scheduled_new_reqs:
-            self.requests[request.req_id] = RequestSlots()
-        for request_id in output.scheduled_cached_reqs.resumed_req_ids:
-            self.requests[request_id] = RequestSlots()  # preempted, recomputed from its first token
+        started = [request.req_id for request in output.scheduled_new_reqs]
+        for request_id in [*started, *output.scheduled_cached_reqs.resumed_req_ids]:
+            previous = self.requests.get(request_id)  # a preempted request, read again from its first token
+            self.requests[request_id] = RequestSlots(recomputed=0 if previous is None else previous.recomputed + 1)
 
     # -- before the forward ----------------------------------------------------------------------------------------
     def before_inputs(self, new_tokens: np.ndarray) -> list[Step]:
@@ -75,11 +84,12 @@ class WorkerSide:
                 self.compact(row, request_id, request)
             self.cut_row(row, request_id, blocks_for(step.attended, self.block_size))
             logical = int(batch.num_computed_tokens_cpu[row])
-            fresh = torch.arange(logical, logical + int(new_tokens[row]))
-            for layer in self.layer_indices():
-                old = request.positions.get(layer, torch.zeros(self.kv_heads, 0, dtype=torch.long))
-                request.positions[layer] = torch.cat([old, fresh.expand(self.kv_heads, -1)], dim=1)
+            request.appended.append(torch.arange(logical, logical + int(new_tokens[row])))
             request.held, request.compact_pending = step.attended, step.compacts_after
+            # the next compaction scores with the newest ``window`` queries: those of a decoding step that leaves
+            # fewer than ``window`` free slots, and every prompt chunk (it may be followed by a compaction)
+            capacity = self.settings.budget + self.settings.buffer
+            request.recording = new_tokens[row] > 1 or step.attended > capacity - self.settings.window
             request.steps.append(int(new_tokens[row]))
             steps.append(step)
             self.batch.append(request)
@@ -110,6 +120,8 @@ class WorkerSide:
         window = self.settings.window
         starts = query_start.tolist()
         for row, request in enumerate(self.batch):
+            if not request.recording:
+                continue
             newest = query[max(starts[row], starts[row + 1] - window) : starts[row + 1]].transpose(0, 1)
             old = request.queries.get(layer)
             joined = newest if old is None else torch.cat([old, newest], dim=1)
@@ -119,23 +131,23 @@ class WorkerSide:
     def compact(self, row: int, request_id: str, request: RequestSlots) -> None:
         """Keep ``budget`` of the request's slots in every layer, in place."""
         block_ids = torch.from_numpy(self.row_blocks(row).copy())
-        for layer, attention in self.layers():
+        for layer, attention in self.layers:
             cache = attention.kv_cache
             layout = self.layout(attention, cache)
             queries = request.queries[layer]
-            request.positions[layer] = compact_slots(
+            request.kept[layer] = compact_slots(
                 self.policy,
                 slabs(cache),
                 layout,
                 block_ids,
-                request.positions[layer],
+                request.positions(layer, cache.shape[1]),
                 queries,
                 torch.ones(queries.shape[1], dtype=torch.bool),
                 self.settings.budget,
                 self.settings.window,
                 attention.impl.scale,
             )
-        request.held, request.compact_pending = self.settings.budget, False
+        request.held, request.compact_pending, request.appended = self.settings.budget, False, []
         request.compactions += 1
 
     def cut_row(self, row: int, request_id: str, keep: int) -> None:
@@ -153,21 +165,16 @@ class WorkerSide:
         return table.block_table.np[row, : table.num_blocks_per_row[row]]
 
     # -- the model's attention layers ----------------------------------------------------------------------------
+    @functools.cached_property
     def layers(self) -> list[tuple[int, Any]]:
+        """(decoder layer, attention module) of every layer with a KV cache, in order (read once the cache exists)."""
         context = self.runner.compilation_config.static_forward_context
         names = [name for group in self.runner.kv_cache_config.kv_cache_groups for name in group.layer_names]
-        return sorted((layer_index(name), context[name]) for name in names)
-
-    def layer_indices(self) -> list[int]:
-        return [index for index, _ in self.layers()]
-
-    @property
-    def kv_heads(self) -> int:
-        return self.layers()[0][1].kv_cache.shape[1]
+        return sorted(((layer_index(name), context[name]) for name in names), key=lambda pair: pair[0])
 
     @property
     def block_size(self) -> int:
-        return self.layers()[0][1].kv_cache.shape[2]
+        return self.layers[0][1].kv_cache.shape[2]
 
     def layout(self, attention: Any, cache: Tensor) -> PageLayout:
         key = (attention.isa, cache.dtype, cache.shape[2], cache.shape[3] // 2)
