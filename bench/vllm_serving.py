@@ -85,6 +85,14 @@ def run_path(path: str, model: str, args: argparse.Namespace) -> dict:
     scheduler = engine.engine_core.engine_core.scheduler
     pool = scheduler.kv_cache_manager.block_pool
     total_blocks = pool.get_num_free_blocks()
+    preempted = []
+    preempt = scheduler._preempt_request
+
+    def counted(request, *rest, **options):  # vLLM frees the request's blocks and recomputes it later
+        preempted.append(request.num_computed_tokens)
+        return preempt(request, *rest, **options)
+
+    scheduler._preempt_request = counted
     requests = workload(args)
     start = time.perf_counter()
     for index, (prompt, new) in enumerate(requests):
@@ -114,7 +122,9 @@ def run_path(path: str, model: str, args: argparse.Namespace) -> dict:
         total_blocks=total_blocks,
         latency_p50_s=latencies[len(latencies) // 2],
         latency_p95_s=latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
-        preemptions=None if side is None else side.preemptions,
+        preemptions=len(preempted),
+        plugin_preemptions=None if side is None else side.preemptions,
+        tokens_recomputed=sum(preempted),  # computed tokens thrown away by preemptions
         blocks_freed_mid_request=None if side is None else side.freed,
         steps=steps,
     )
@@ -123,14 +133,14 @@ def run_path(path: str, model: str, args: argparse.Namespace) -> dict:
 def markdown(result: dict) -> str:
     rows = [
         "| path | tokens/s | requests running at once (peak / mean) | peak KV blocks in use | p50 latency | "
-        "p95 latency |",
-        "|---|---|---|---|---|---|",
+        "p95 latency | preemptions (computed tokens thrown away) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for run in result["runs"]:
         rows.append(
             f"| {run['path']} | {run['tokens_per_s']:.1f} | {run['peak_running']} / {run['mean_running']:.1f} | "
             f"{run['peak_blocks_used']} of {run['total_blocks']} | {run['latency_p50_s']:.1f} s | "
-            f"{run['latency_p95_s']:.1f} s |"
+            f"{run['latency_p95_s']:.1f} s | {run['preemptions']} ({run['tokens_recomputed']}) |"
         )
     stock, plugin = result["runs"]
     settings = result["settings"]

@@ -148,12 +148,18 @@ def test_an_aborted_request_gives_its_blocks_back_and_the_others_go_on(saved):
     params = SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True, detokenize=False)
     for index, prompt in enumerate(prompts):
         engine_core.add_request(str(index), TokensPrompt(prompt_token_ids=prompt), params)
+    core = engine_core.engine_core.engine_core
+    manager = core.scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+    runner = core.model_executor.driver_worker.worker.model_runner
     done, steps = {}, 0
     while engine_core.has_unfinished_requests():
         for output in engine_core.step():
             if output.finished:
                 done[output.request_id] = list(output.outputs[0].token_ids)
         steps += 1
+        for request_id, blocks in manager.req_to_blocks.items():  # both sides hold the same blocks, every step
+            if blocks and request_id in runner.requests and request_id not in done:
+                assert [block.block_id for block in blocks] == list(runner.requests[request_id].block_ids[0])
         if steps == 40:  # past two compactions of every request
             engine_core.abort_request(["1"])
     assert "1" not in done or len(done["1"]) < NEW

@@ -57,7 +57,6 @@ class SchedulerSide:
         """After ``schedule()``: advance each scheduled request's length and give back blocks it no longer needs."""
         for request_id in output.finished_req_ids:
             self.held.pop(request_id, None)
-        self.preemptions += 1
         managers = self.scheduler.kv_cache_manager.coordinator.single_type_managers
         for request_id, new_tokens in output.num_scheduled_tokens.items():
             step = next_step(self.held.get(request_id, 0), new_tokens, self.settings.budget, self.settings.buffer)

@@ -119,6 +119,8 @@ class WorkerSide:
         layer = layer_index(layer_name)
         window = self.settings.window
         starts = query_start.tolist()
+        if len(starts) != len(self.batch) + 1:  # not this step's forward (a warm-up run): nothing to record
+            return
         for row, request in enumerate(self.batch):
             if not request.recording:
                 continue
