@@ -36,6 +36,7 @@ SHAPE = dict(
 BLOCK = 32
 SETTINGS = dict(budget=40, buffer=8, window=4)  # 48 slots: one compaction every 8 decoding tokens
 NEW = 70
+KV_BYTES = 64 << 20  # vLLM's KV pool per engine, set outright: many engines share this process's memory
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,7 @@ def engine(path, settings: dict | None, **options) -> LLM:
         enforce_eager=True,
         block_size=BLOCK,
         enable_prefix_caching=False,
-        gpu_memory_utilization=0.25,  # on the CPU backend, the share of host memory vLLM claims at start
+        kv_cache_memory_bytes=KV_BYTES,
         **extra,
         **options,
     )
@@ -81,13 +82,16 @@ def prompts_of(lengths: list[int], seed: int) -> list[list[int]]:
     return [torch.randint(3, 256, (n,), generator=generator).tolist() for n in lengths]
 
 
-def test_with_nothing_evicted_the_plugin_decodes_as_stock_vllm(saved):
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
+def test_with_nothing_evicted_the_plugin_decodes_as_stock_vllm(saved, model_type):
     prompts, new = prompts_of([6, 37, 70], seed=1), [60, 45, 60]
-    stock = generate(engine(saved["llama"], None), prompts, new)
-    plugin = engine(saved["llama"], dict(budget=200, buffer=8))
+    stock = generate(engine(saved[model_type], None), prompts, new)
+    plugin = engine(saved[model_type], dict(budget=200, buffer=8))
     assert generate(plugin, prompts, new) == stock
     scheduler, worker = sides(plugin)
-    assert scheduler.freed == 0 and all(r.compactions == 0 for r in worker.retired.values())
+    assert scheduler.freed == 0 and all(
+        r.compactions == 0 for r in [*worker.retired.values(), *worker.requests.values()]
+    )
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
@@ -199,10 +203,24 @@ def test_preempted_requests_are_recomputed_and_finish_within_a_small_pool(saved)
 def test_engines_the_plugin_cannot_serve_are_refused_before_loading(saved, options, reason):
     settings = {"additional_config": {"rkv_flex": SETTINGS}}
     base = dict(
-        skip_tokenizer_init=True, dtype="float32", enforce_eager=True, block_size=BLOCK, gpu_memory_utilization=0.25
+        skip_tokenizer_init=True, dtype="float32", enforce_eager=True, block_size=BLOCK, kv_cache_memory_bytes=KV_BYTES
     )
     with pytest.raises(Exception, match=reason):
         LLM(model=str(saved["llama"]), **{**base, "enable_prefix_caching": False, **options}, **settings)
+
+
+def test_speculative_decoding_another_model_type_and_another_vllm_release_are_refused(saved, monkeypatch, tmp_path):
+    draft = dict(method="ngram", num_speculative_tokens=2, prompt_lookup_max=3, prompt_lookup_min=1)
+    with pytest.raises(Exception, match="speculative decoding is on"):
+        engine(saved["llama"], SETTINGS, speculative_config=draft)
+    torch.manual_seed(0)
+    gpt2 = AutoConfig.for_model("gpt2", n_embd=128, n_head=4, n_layer=2, vocab_size=256, n_positions=512)
+    AutoModelForCausalLM.from_config(gpt2).save_pretrained(tmp_path)
+    with pytest.raises(Exception, match="does not compress model type 'gpt2'"):
+        engine(tmp_path, SETTINGS)
+    monkeypatch.setattr(vllm, "__version__", "0.33.0")
+    with pytest.raises(Exception, match=r"supports vLLM 0.32.0 exactly; this is 0.33.0"):
+        engine(saved["llama"], SETTINGS)
 
 
 def test_bad_settings_are_refused_by_name(saved):
