@@ -228,3 +228,35 @@ def test_bad_settings_are_refused_by_name(saved):
         engine(saved["llama"], dict(SETTINGS, prefill_chunk=64))
     with pytest.raises(Exception, match="scores with"):
         engine(saved["llama"], dict(SETTINGS, policy="h2o"))
+
+
+def test_the_plugin_runs_in_vllms_own_engine_process(saved):
+    """vLLM's default: the engine core (scheduler and worker) in a process of its own, where the plugin loads too.
+    Its tokens equal the in-process engine's, which differ from stock's (the plugin evicted there)."""
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    prompts = prompts_of([6, 37, 70], seed=6)
+    code = textwrap.dedent(
+        f"""
+        import json, os
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+        from vllm import LLM, SamplingParams
+        from vllm.inputs import TokensPrompt
+        if __name__ == "__main__":
+            llm = LLM(model={str(saved["llama"])!r}, skip_tokenizer_init=True, dtype="float32", enforce_eager=True,
+                      block_size={BLOCK}, enable_prefix_caching=False, kv_cache_memory_bytes={KV_BYTES},
+                      additional_config={{"rkv_flex": {SETTINGS!r}}})
+            params = SamplingParams(max_tokens={NEW}, temperature=0, ignore_eos=True, detokenize=False)
+            outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in {prompts!r}], params, use_tqdm=False)
+            print("TOKENS " + json.dumps([list(o.outputs[0].token_ids) for o in outputs]))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("TOKENS ")]
+    assert done.returncode == 0 and lines, done.stderr[-3000:]
+    separate = json.loads(lines[-1][len("TOKENS ") :])
+    assert separate == generate(engine(saved["llama"], SETTINGS), prompts, [NEW] * 3)
+    assert separate != generate(engine(saved["llama"], None), prompts, [NEW] * 3)
