@@ -23,7 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+sys.path.insert(0, str(Path(__file__).parent))
+from common import publish
+
 NAME = "vllm-serving-cpu"
 SMOLLM2 = dict(  # SmolLM2-135M's shape; random weights (no hub here)
     hidden_size=576,
@@ -209,12 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{path}: {runs[-1]['tokens_per_s']:.1f} tokens/s, {runs[-1]['wall_s']:.0f} s", flush=True)
     settings = {key: value for key, value in vars(args).items() if key not in ("path", "model", "out")}
     result = dict(vllm=vllm.__version__, date=time.strftime("%Y-%m-%d %H:%M"), settings=settings, runs=runs)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=1))
-    table = markdown(result)
-    (RESULTS / f"{args.out}.md").write_text(table)
-    plot(result, RESULTS / f"{args.out}.png")
-    print(table)
+    publish(args.out, result, markdown, plot)
     return 0
 
 
