@@ -29,9 +29,9 @@ def importance(queries, query_valid, keys, candidates, kernel, scaling=None):
                 norm = sum(math.exp(v - top) for v in logits.values())
                 for j, v in logits.items():
                     mean[j] += math.exp(v - top) / norm / len(rows)
-            for j in range(slots):
-                lo, hi = max(0, j - kernel // 2), min(slots, j + kernel // 2 + 1)
-                out[b, h, j] = max(mean[lo:hi])
+            for rank, j in enumerate(cand):  # pooled along token order over the candidates only
+                lo, hi = max(0, rank - kernel // 2), min(len(cand), rank + kernel // 2 + 1)
+                out[b, h, j] = max(mean[c] for c in cand[lo:hi])
     return out
 
 
@@ -168,7 +168,7 @@ def latent_importance(queries, query_valid, latents, rope_keys, key_up, candidat
             norm = sum(math.exp(v - top) for v in logits.values())
             for j, v in logits.items():
                 mean[j] += math.exp(v - top) / norm / len(rows)
-        for j in range(slots):
-            lo, hi = max(0, j - kernel // 2), min(slots, j + kernel // 2 + 1)
-            out[b, 0, j] = max(mean[lo:hi])
+        for rank, j in enumerate(cand):  # pooled along token order over the candidates only
+            lo, hi = max(0, rank - kernel // 2), min(len(cand), rank + kernel // 2 + 1)
+            out[b, 0, j] = max(mean[c] for c in cand[lo:hi])
     return out

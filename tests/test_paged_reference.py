@@ -18,17 +18,13 @@ from rkv_flex import RKVConfig, make_cache, patch_model, unpatch_model
         ("qwen2", 30, 12, 6, None),  # beyond it
         ("qwen3", 23, 16, 4, None),
         ("qwen2", 30, 12, 6, 5),  # in chunks shorter than buffer: compacted first
-        # longer: attended with what is held, then compacted. The transformers path stages a chunk after the free
-        # slots (a fixed shape), so R-KV's max-pooling sees free slots where the reference sees the chunk's first
-        # tokens; without pooling (kernel 1) the two keep the same
-        ("llama", 50, 12, 6, 8),
+        ("llama", 50, 12, 6, 8),  # longer: attended with what is held (after the free slots, here), then compacted
     ],
 )
 def test_the_reference_keeps_what_the_transformers_path_keeps(arch, prompt_length, budget, buffer, chunk):
     model = tiny_model(arch, seed=4)
     prompt = torch.randint(3, 256, (prompt_length,), generator=torch.Generator().manual_seed(4)).tolist()
-    kernel = 1 if chunk is not None and chunk > buffer else 7
-    config = RKVConfig(budget=budget, buffer=buffer, window=4, policy="rkv", prefill_chunk=chunk, kernel=kernel)
+    config = RKVConfig(budget=budget, buffer=buffer, window=4, policy="rkv", prefill_chunk=chunk)
     pieces = (
         None
         if chunk is None

@@ -53,11 +53,15 @@ def importance(
     scaling: float,
     softcap: float | None = None,
 ) -> Tensor:
-    """R-KV importance I [B, Hkv, S]: window attention max-pooled (width ``kernel``) along slot order."""
+    """R-KV importance I [B, Hkv, S]: window attention max-pooled (width ``kernel``) along token order over the
+    candidate slots, so a slot's neighbours are the nearest candidates before and after it whatever free or padding
+    slots lie between (a staged span sits after the free slots); 0 on the other slots."""
     attention = window_attention(queries, query_valid, keys, candidates, scaling, softcap)
     batch, heads, slots = attention.shape
-    pooled = F.max_pool1d(attention.reshape(batch * heads, 1, slots), kernel, stride=1, padding=kernel // 2)
-    return pooled.reshape(batch, heads, slots)
+    order = (~candidates).to(torch.uint8).argsort(dim=-1, stable=True)  # candidates first, each group in slot order
+    in_order = attention.gather(-1, order).reshape(batch * heads, 1, slots)
+    pooled = F.max_pool1d(in_order, kernel, stride=1, padding=kernel // 2).reshape(batch, heads, slots)
+    return torch.zeros_like(pooled).scatter(-1, order, pooled).masked_fill(~candidates, 0.0)
 
 
 def redundancy(keys: Tensor, valid: Tensor, threshold: float, block: int = BLOCK) -> Tensor:
