@@ -75,6 +75,7 @@ class WorkerSide:
         batch = self.runner.input_batch
         steps = []
         self.batch = []
+        capacity = self.settings.budget + self.settings.buffer
         for row, request_id in enumerate(batch.req_ids[: batch.num_reqs]):
             request = self.requests[request_id]
             if request.compact_pending:
@@ -88,7 +89,6 @@ class WorkerSide:
             request.held, request.compact_pending = step.attended, step.compacts_after
             # the next compaction scores with the newest ``window`` queries: those of a decoding step that leaves
             # fewer than ``window`` free slots, and every prompt chunk (it may be followed by a compaction)
-            capacity = self.settings.budget + self.settings.buffer
             request.recording = new_tokens[row] > 1 or step.attended > capacity - self.settings.window
             request.steps.append(int(new_tokens[row]))
             steps.append(step)
@@ -116,11 +116,12 @@ class WorkerSide:
     # -- during the forward ------------------------------------------------------------------------------------------
     def observe(self, layer_name: str, query: Tensor, query_start: Tensor) -> None:
         """An attention layer's post-RoPE queries [tokens, Hq, D]: keep each request's ``window`` newest."""
-        layer = layer_index(layer_name)
-        window = self.settings.window
+        if not any(request.recording for request in self.batch):  # most decoding steps
+            return
         starts = query_start.tolist()
         if len(starts) != len(self.batch) + 1:  # not this step's forward (a warm-up run): nothing to record
             return
+        layer, window = self.layer_of[layer_name], self.settings.window
         for row, request in enumerate(self.batch):
             if not request.recording:
                 continue
@@ -171,8 +172,13 @@ class WorkerSide:
     def layers(self) -> list[tuple[int, Any]]:
         """(decoder layer, attention module) of every layer with a KV cache, in order (read once the cache exists)."""
         context = self.runner.compilation_config.static_forward_context
-        names = [name for group in self.runner.kv_cache_config.kv_cache_groups for name in group.layer_names]
-        return sorted(((layer_index(name), context[name]) for name in names), key=lambda pair: pair[0])
+        return sorted(((self.layer_of[name], context[name]) for name in self.layer_of), key=lambda pair: pair[0])
+
+    @functools.cached_property
+    def layer_of(self) -> dict[str, int]:
+        """Each attention module's name -> its decoder layer (the attention hook is called by name)."""
+        groups = self.runner.kv_cache_config.kv_cache_groups
+        return {name: layer_index(name) for group in groups for name in group.layer_names}
 
     @property
     def block_size(self) -> int:
