@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 
 from rkv_flex.attention import rkv_attention
 from rkv_flex.cache import LayerSpec, RKVCache
+from rkv_flex.compiled import private_copy
 from rkv_flex.config import RKVConfig
+from rkv_flex.slots import put_along
 
 BATCH, HEADS, KV_HEADS, DIM = 2, 4, 2, 4
 SCALING = 0.7  # not 1/sqrt(DIM): scores must use the model's scaling
@@ -243,3 +245,34 @@ def test_scores_use_the_models_query_scaling():
         assert driver.cache.shared.scaling == scaling
         kept.append(driver.layer.slots.pos[driver.layer.slots.valid].tolist())
     assert kept[0] != kept[1]
+
+
+@settings(deadline=None, max_examples=40)
+@given(
+    shape=st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(2, 6), st.integers(1, 4)),
+    dim=st.integers(1, 2),
+    count=st.integers(1, 2),
+    accumulate=st.booleans(),
+    seed=st.integers(0, 2**31),
+)
+def test_put_along_equals_scatter(shape, dim, count, accumulate, seed):
+    """The in-place write the slot layouts use (index_put_, which inductor updates in place) equals scatter_ (or
+    scatter_add_, with repeated targets) along ``dim``, on whole trailing vectors."""
+    generator = torch.Generator().manual_seed(seed)
+    tensor = torch.randn(shape, generator=generator)
+    leading = shape[:dim]
+    if accumulate:
+        index = torch.randint(0, shape[dim], (*leading, count), generator=generator)
+    else:  # scatter_ with repeated targets keeps an unspecified one: distinct targets per leading index
+        index = torch.rand((*leading, shape[dim]), generator=generator).argsort(-1)[..., : min(count, shape[dim])]
+    new = torch.randn((*index.shape, *shape[dim + 1 :]), generator=generator)
+    expanded = index.view(*index.shape, *(1,) * (len(shape) - dim - 1)).expand_as(new)
+    expected = tensor.clone()
+    (expected.scatter_add_ if accumulate else expected.scatter_)(dim, expanded, new)
+    eager = tensor.clone()
+    put_along(eager, dim, index, new, accumulate=accumulate)
+    assert torch.allclose(eager, expected, atol=1e-6)
+    compiled = tensor.clone()
+    traced = torch.compile(private_copy(put_along), backend="eager", fullgraph=True, dynamic=False)
+    traced(compiled, dim, index, new, accumulate=accumulate)
+    assert torch.allclose(compiled, expected, atol=1e-6)

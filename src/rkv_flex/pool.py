@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .policies import Policy, SlotState
 from .scoring import select_adaptive
-from .slots import LayerSlots, RingSlots, SlotStorage, static, write_rows
+from .slots import LayerSlots, RingSlots, SlotStorage, put_along, static, write_rows
 
 if TYPE_CHECKING:
     from .config import RKVConfig
@@ -206,7 +206,7 @@ class PooledSlots(SlotStorage):
         valid = torch.ones(batch, length, dtype=torch.bool, device=keys.device) if new_valid is None else new_valid
         self._scatter(at, keys.flatten(1, 2), values.flatten(1, 2), positions, valid, heads)
         if attention is not None and self.attention_sum is not None:
-            self.attention_sum[:, 0].scatter_(1, at, attention.flatten(1))
+            put_along(self.attention_sum[:, 0], 1, at, attention.flatten(1))
 
     def append_rows(self, keys: Tensor, values: Tensor, positions: Tensor, slot: Tensor, fed: Tensor) -> None:
         heads = keys.shape[1]
@@ -228,10 +228,10 @@ class PooledSlots(SlotStorage):
         only (None: all); ``positions`` and ``valid`` [B, tokens] are the same for every head."""
 
         def write(pool: Tensor, new: Tensor) -> None:
-            index = at.view(*at.shape, *(1,) * (pool.dim() - 2)).expand(-1, -1, *pool.shape[2:])
             if fed is not None:
+                index = at.view(*at.shape, *(1,) * (pool.dim() - 2)).expand(-1, -1, *pool.shape[2:])
                 new = torch.where(fed.view(-1, *(1,) * (pool.dim() - 1)), new, pool.gather(1, index))
-            pool.scatter_(1, index, new)
+            put_along(pool, 1, at, new)
 
         write(self.keys[:, 0], keys)
         write(self.values[:, 0], values)
@@ -295,7 +295,8 @@ class PooledSlots(SlotStorage):
 
     def add_view_attention(self, used: Tensor, received: Tensor) -> None:
         source, held = self.sources(used)
-        self.attention_sum[:, 0].scatter_add_(1, source.flatten(1), (received[:, :, : held.shape[2]] * held).flatten(1))
+        attention = (received[:, :, : held.shape[2]] * held).flatten(1)
+        put_along(self.attention_sum[:, 0], 1, source.flatten(1), attention, accumulate=True)
 
     # -- compaction ---------------------------------------------------------------------------------------------
     def repack(self, source: SlotState, keep: Tensor, rows: Tensor | None = None, fed: Tensor | None = None) -> None:

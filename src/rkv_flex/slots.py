@@ -40,16 +40,31 @@ def static(tensor: Tensor) -> Tensor:
     return tensor
 
 
+def put_along(tensor: Tensor, dim: int, index: Tensor, new: Tensor, accumulate: bool = False) -> None:
+    """``tensor[..., index, ...] = new`` along ``dim``, in place: ``index`` has ``tensor``'s leading dims (or 1, to
+    broadcast) and the entries written along ``dim``, ``new`` is [*index.shape, *tensor.shape[dim + 1:]].
+
+    This is ``scatter_`` (``scatter_add_`` with ``accumulate``) written as ``index_put_``, because inductor updates an
+    input in place for ``index_put_`` but copies the whole tensor for ``scatter_`` (torch 2.13 does not re-inplace
+    it): a compiled decoding step that wrote its token by ``scatter_`` copied every layer's slots, twice."""
+    leading = [
+        torch.arange(size, device=index.device).view(*(1 if d != axis else size for d in range(index.dim())))
+        for axis, size in enumerate(tensor.shape[:dim])
+    ]
+    tensor.index_put_((*leading, index), new, accumulate=accumulate)
+
+
 def record_queries(ring_buffer: Tensor, query: Tensor, ring: int | Tensor, fed: Tensor | None = None) -> None:
     """Keep the last ``min(L, W)`` queries [B, Hq, L, D] in the ring [B, Hq, W, D], the first at index ``ring``: a
     host int (rows in lockstep) or a [B] tensor (one query per row, and only for the rows ``fed`` [B])."""
     window = ring_buffer.shape[2]
     if isinstance(ring, Tensor):
-        at = ring.view(-1, 1, 1, 1).expand(-1, query.shape[1], 1, query.shape[-1])
+        at = ring.view(-1, 1, 1)
         new = query[:, :, -1:]
         if fed is not None:
-            new = torch.where(fed[:, None, None, None], new, ring_buffer.gather(2, at))
-        ring_buffer.scatter_(2, at, new)
+            old = ring_buffer.gather(2, at[..., None].expand(-1, query.shape[1], 1, query.shape[-1]))
+            new = torch.where(fed[:, None, None, None], new, old)
+        put_along(ring_buffer, 2, at, new)
         return
     kept = min(query.shape[2], window)
     if ring + kept <= window:
@@ -107,7 +122,7 @@ class RowCounters:
         self.used.add_(self.fed)
         self.seen.add_(self.fed)
         ring = ((self.seen - 1) % self.query_valid.shape[1])[:, None]
-        self.query_valid.scatter_(1, ring, self.query_valid.gather(1, ring) | self.fed[:, None])
+        put_along(self.query_valid, 1, ring, self.query_valid.gather(1, ring) | self.fed[:, None])
 
 
 class SlotStorage(ABC):
@@ -380,7 +395,7 @@ class LayerSlots(SlotStorage):
         def write(tensor: Tensor, new: Tensor) -> None:
             index = at.view(*at.shape, *(1,) * (tensor.dim() - 3)).expand(-1, -1, -1, *tensor.shape[3:])
             fed_here = row_fed.view(*row_fed.shape, *(1,) * (tensor.dim() - 3))
-            tensor.scatter_(2, index, torch.where(fed_here, new, tensor.gather(2, index)))
+            put_along(tensor, 2, at, torch.where(fed_here, new, tensor.gather(2, index)))
 
         write(self.keys, keys)
         write(self.values, values)
@@ -530,11 +545,8 @@ class RingSlots(LayerSlots):
         batch, kv_heads = self.keys.shape[:2]
         index = at[:, None, :].expand(batch, kv_heads, kept)
         new = slice(first, first + kept)
-        for name in ("keys", "values"):
-            source = getattr(staged, name)[:, :, new]
-            getattr(self, name).scatter_(2, index[..., None].expand_as(source), source)
-        self.pos.scatter_(2, index, staged.pos[:, :, new])
-        self.valid.scatter_(2, index, staged.valid[:, :, new])
+        for name in ("keys", "values", "pos", "valid"):
+            put_along(getattr(self, name), 2, index, getattr(staged, name)[:, :, new])
 
     def keep_best(
         self, policy: Policy, config: RKVConfig, state: SlotState, rows: Tensor | None, fed: Tensor | None
