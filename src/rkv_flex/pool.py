@@ -206,7 +206,7 @@ class PooledSlots(SlotStorage):
         valid = torch.ones(batch, length, dtype=torch.bool, device=keys.device) if new_valid is None else new_valid
         self._scatter(at, keys.flatten(1, 2), values.flatten(1, 2), positions, valid, heads)
         if attention is not None and self.attention_sum is not None:
-            put_along(self.attention_sum[:, 0], 1, at, attention.flatten(1))
+            put_along(self.attention_sum, 2, at[:, None], attention.flatten(1)[:, None])
 
     def append_rows(self, keys: Tensor, values: Tensor, positions: Tensor, slot: Tensor, fed: Tensor) -> None:
         heads = keys.shape[1]
@@ -227,18 +227,20 @@ class PooledSlots(SlotStorage):
         """Tokens [B, N, D] to pool slots ``at`` [B, N] (N = heads x tokens, head-major), in the rows ``fed`` [B]
         only (None: all); ``positions`` and ``valid`` [B, tokens] are the same for every head."""
 
-        def write(pool: Tensor, new: Tensor) -> None:
+        def write(tensor: Tensor, new: Tensor) -> None:
+            # into the whole [B, 1, P, ...] tensor: an index_put_ on its [:, 0] view is copied back whole by inductor
             if fed is not None:
+                pool = tensor[:, 0]
                 index = at.view(*at.shape, *(1,) * (pool.dim() - 2)).expand(-1, -1, *pool.shape[2:])
                 new = torch.where(fed.view(-1, *(1,) * (pool.dim() - 1)), new, pool.gather(1, index))
-            put_along(pool, 1, at, new)
+            put_along(tensor, 2, at[:, None], new[:, None])
 
-        write(self.keys[:, 0], keys)
-        write(self.values[:, 0], values)
-        write(self.pos[:, 0], positions.repeat(1, heads))
-        write(self.valid[:, 0], valid.repeat(1, heads))
+        write(self.keys, keys)
+        write(self.values, values)
+        write(self.pos, positions.repeat(1, heads))
+        write(self.valid, valid.repeat(1, heads))
         if self.attention_sum is not None:
-            write(self.attention_sum[:, 0], torch.zeros_like(at, dtype=self.attention_sum.dtype))
+            write(self.attention_sum, torch.zeros_like(at, dtype=self.attention_sum.dtype))
 
     def keep_best(
         self, policy: Policy, config: RKVConfig, state: SlotState, rows: Tensor | None, fed: Tensor | None
@@ -296,7 +298,7 @@ class PooledSlots(SlotStorage):
     def add_view_attention(self, used: Tensor, received: Tensor) -> None:
         source, held = self.sources(used)
         attention = (received[:, :, : held.shape[2]] * held).flatten(1)
-        put_along(self.attention_sum[:, 0], 1, source.flatten(1), attention, accumulate=True)
+        put_along(self.attention_sum, 2, source.flatten(1)[:, None], attention[:, None], accumulate=True)
 
     # -- compaction ---------------------------------------------------------------------------------------------
     def repack(self, source: SlotState, keep: Tensor, rows: Tensor | None = None, fed: Tensor | None = None) -> None:
