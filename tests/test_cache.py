@@ -256,8 +256,9 @@ def test_scores_use_the_models_query_scaling():
     seed=st.integers(0, 2**31),
 )
 def test_put_along_equals_scatter(shape, dim, count, accumulate, seed):
-    """The in-place write the slot layouts use (index_put_, which inductor updates in place) equals scatter_ (or
-    scatter_add_, with repeated targets) along ``dim``, on whole trailing vectors."""
+    """The in-place write the slot layouts use equals scatter_ (or scatter_add_, with repeated targets) along
+    ``dim``, on whole trailing vectors: eagerly (scatter_ itself) and traced (index_put_, which inductor keeps in
+    place)."""
     generator = torch.Generator().manual_seed(seed)
     tensor = torch.randn(shape, generator=generator)
     leading = shape[:dim]

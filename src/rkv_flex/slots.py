@@ -44,9 +44,14 @@ def put_along(tensor: Tensor, dim: int, index: Tensor, new: Tensor, accumulate: 
     """``tensor[..., index, ...] = new`` along ``dim``, in place: ``index`` has ``tensor``'s leading dims (or 1, to
     broadcast) and the entries written along ``dim``, ``new`` is [*index.shape, *tensor.shape[dim + 1:]].
 
-    This is ``scatter_`` (``scatter_add_`` with ``accumulate``) written as ``index_put_``, because inductor updates an
-    input in place for ``index_put_`` but copies the whole tensor for ``scatter_`` (torch 2.13 does not re-inplace
-    it): a compiled decoding step that wrote its token by ``scatter_`` copied every layer's slots, twice."""
+    Eagerly this is ``scatter_`` (``scatter_add_`` with ``accumulate``). Traced, it is ``index_put_``, because inductor
+    updates an input in place for ``index_put_`` but copies the whole tensor for ``scatter_`` (torch 2.13 does not
+    re-inplace it): a compiled decoding step that wrote its token by ``scatter_`` copied every layer's slots, twice.
+    Eager ``index_put_`` costs several times ``scatter_`` for these small writes."""
+    if not torch.compiler.is_compiling():
+        expanded = index.view(*index.shape, *(1,) * (new.dim() - index.dim())).expand_as(new)
+        (tensor.scatter_add_ if accumulate else tensor.scatter_)(dim, expanded, new)
+        return
     leading = [
         torch.arange(size, device=index.device).view(*(1 if d != axis else size for d in range(index.dim())))
         for axis, size in enumerate(tensor.shape[:dim])
