@@ -229,11 +229,7 @@ class PooledSlots(SlotStorage):
 
         def write(tensor: Tensor, new: Tensor) -> None:
             # into the whole [B, 1, P, ...] tensor: an index_put_ on its [:, 0] view is copied back whole by inductor
-            if fed is not None:
-                pool = tensor[:, 0]
-                index = at.view(*at.shape, *(1,) * (pool.dim() - 2)).expand(-1, -1, *pool.shape[2:])
-                new = torch.where(fed.view(-1, *(1,) * (pool.dim() - 1)), new, pool.gather(1, index))
-            put_along(tensor, 2, at[:, None], new[:, None])
+            put_along(tensor, 2, at[:, None], new[:, None], fed)
 
         write(self.keys, keys)
         write(self.values, values)

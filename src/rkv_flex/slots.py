@@ -40,16 +40,21 @@ def static(tensor: Tensor) -> Tensor:
     return tensor
 
 
-def put_along(tensor: Tensor, dim: int, index: Tensor, new: Tensor, accumulate: bool = False) -> None:
+def put_along(
+    tensor: Tensor, dim: int, index: Tensor, new: Tensor, fed: Tensor | None = None, accumulate: bool = False
+) -> None:
     """``tensor[..., index, ...] = new`` along ``dim``, in place: ``index`` has ``tensor``'s leading dims (or 1, to
-    broadcast) and the entries written along ``dim``, ``new`` is [*index.shape, *tensor.shape[dim + 1:]].
+    broadcast) and the entries written along ``dim``, ``new`` is [*index.shape, *tensor.shape[dim + 1:]]. With
+    ``fed`` [B], rows not fed keep what they hold.
 
     Eagerly this is ``scatter_`` (``scatter_add_`` with ``accumulate``). Traced, it is ``index_put_``, because inductor
     updates an input in place for ``index_put_`` but copies the whole tensor for ``scatter_`` (torch 2.13 does not
     re-inplace it): a compiled decoding step that wrote its token by ``scatter_`` copied every layer's slots, twice.
     Eager ``index_put_`` costs several times ``scatter_`` for these small writes."""
+    expanded = index.view(*index.shape, *(1,) * (new.dim() - index.dim())).expand_as(new)
+    if fed is not None:
+        new = torch.where(fed.view(-1, *(1,) * (new.dim() - 1)), new, tensor.gather(dim, expanded))
     if not torch.compiler.is_compiling():
-        expanded = index.view(*index.shape, *(1,) * (new.dim() - index.dim())).expand_as(new)
         (tensor.scatter_add_ if accumulate else tensor.scatter_)(dim, expanded, new)
         return
     leading = [
@@ -64,12 +69,7 @@ def record_queries(ring_buffer: Tensor, query: Tensor, ring: int | Tensor, fed: 
     host int (rows in lockstep) or a [B] tensor (one query per row, and only for the rows ``fed`` [B])."""
     window = ring_buffer.shape[2]
     if isinstance(ring, Tensor):
-        at = ring.view(-1, 1, 1)
-        new = query[:, :, -1:]
-        if fed is not None:
-            old = ring_buffer.gather(2, at[..., None].expand(-1, query.shape[1], 1, query.shape[-1]))
-            new = torch.where(fed[:, None, None, None], new, old)
-        put_along(ring_buffer, 2, at, new)
+        put_along(ring_buffer, 2, ring.view(-1, 1, 1), query[:, :, -1:], fed)
         return
     kept = min(query.shape[2], window)
     if ring + kept <= window:
@@ -395,19 +395,12 @@ class LayerSlots(SlotStorage):
     def append_rows(self, keys: Tensor, values: Tensor, positions: Tensor, slot: Tensor, fed: Tensor) -> None:
         batch, kv_heads = keys.shape[:2]
         at = slot.clamp(min=0).view(batch, 1, 1).expand(batch, kv_heads, 1)
-        row_fed = fed.view(batch, 1, 1)
-
-        def write(tensor: Tensor, new: Tensor) -> None:
-            index = at.view(*at.shape, *(1,) * (tensor.dim() - 3)).expand(-1, -1, -1, *tensor.shape[3:])
-            fed_here = row_fed.view(*row_fed.shape, *(1,) * (tensor.dim() - 3))
-            put_along(tensor, 2, at, torch.where(fed_here, new, tensor.gather(2, index)))
-
-        write(self.keys, keys)
-        write(self.values, values)
-        write(self.pos, positions[:, None, :].expand(batch, kv_heads, 1))
-        write(self.valid, torch.ones_like(at, dtype=torch.bool))
+        put_along(self.keys, 2, at, keys, fed)
+        put_along(self.values, 2, at, values, fed)
+        put_along(self.pos, 2, at, positions[:, None, :].expand(batch, kv_heads, 1), fed)
+        put_along(self.valid, 2, at, torch.ones_like(at, dtype=torch.bool), fed)
         if self.attention_sum is not None:
-            write(self.attention_sum, torch.zeros_like(at, dtype=self.attention_sum.dtype))
+            put_along(self.attention_sum, 2, at, torch.zeros_like(at, dtype=self.attention_sum.dtype), fed)
 
     def keep_best(
         self, policy: Policy, config: RKVConfig, state: SlotState, rows: Tensor | None, fed: Tensor | None
